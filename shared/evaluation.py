@@ -1,0 +1,89 @@
+"""Scoring a mapping against known truth: integration, label transfer, unknown detection.
+
+Used by the demo, the real-data tests and the benchmarks, so all three report the same numbers:
+integration metrics on the joint reference + query latent (reference cells as the release keeps
+them), label accuracy and macro F1 on query cells of types the reference knows, AUROC of the
+uncertainty for types it does not know, and the share of cells called unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.label_transfer import UNKNOWN
+from fedatlas.shared.mapping import MappingResult
+from fedatlas.shared.metrics import (
+    integration_scores,
+    knn_purity,
+    label_transfer_scores,
+    unknown_auroc,
+)
+from fedatlas.shared.release import Release
+
+
+@dataclass(frozen=True)
+class MappedQuery:
+    """A query site's mapping result with the truth it is scored against."""
+
+    name: str
+    truth: NDArray[np.object_]  # true label per cell
+    result: MappingResult
+    seconds: float  # wall time of the mapping (adaptor training + projection + transfer)
+
+
+def evaluate(
+    release: Release, queries: Sequence[MappedQuery], *, level: str | None = None
+) -> dict[str, Any]:
+    """Scores of ``queries`` mapped onto ``release`` (see the module docstring).
+
+    Types absent from the release's catalogue for ``level`` count as unseen; seen-type scores use
+    each cell's best label (``accuracy``, ``macro_f1``) and, stricter, its call with unknowns
+    counted as errors (``accuracy_called``).
+    """
+    level = level or release.label_levels[0]
+    ref = release.reference_latents()
+    ref_labels = release.reference_labels(level)
+    if ref is None or ref_labels is None:
+        raise ConfigError("evaluation needs a release that keeps reference latents")
+    ref_latent, ref_conditions = ref
+    names = np.asarray(release.condition_names, dtype=object)
+    known_types = set(release.prototypes(level).labels)
+
+    truth = np.concatenate([q.truth for q in queries]).astype(str)
+    best = np.concatenate([q.result.transfers[level].labels for q in queries]).astype(str)
+    called = np.concatenate([q.result.transfers[level].called for q in queries]).astype(str)
+    uncertainty = np.concatenate([q.result.transfers[level].uncertainty for q in queries])
+    query_latent = np.vstack([q.result.latent for q in queries])
+    query_groups = np.concatenate([np.full(len(q.truth), q.name, dtype=object) for q in queries])
+    unseen = ~np.isin(truth, sorted(known_types))
+    seen = ~unseen
+
+    labelled_ref = ref_labels != ""
+    joint = np.vstack([ref_latent[labelled_ref], query_latent])
+    joint_labels = np.concatenate([ref_labels[labelled_ref].astype(str), truth])
+    joint_batches = np.concatenate([names[ref_conditions[labelled_ref]].astype(str), query_groups])
+    scores: dict[str, Any] = {
+        "n_reference_cells": len(ref_latent),
+        "n_query_cells": len(truth),
+        "n_unseen_cells": int(unseen.sum()),
+        "integration": integration_scores(joint, joint_labels, joint_batches),
+        "knn_purity": knn_purity(
+            query_latent[seen], truth[seen], ref_latent[labelled_ref], ref_labels[labelled_ref]
+        ),
+        **label_transfer_scores(truth[seen], best[seen]),
+        "accuracy_called": float(np.mean(called[seen] == truth[seen])),
+        "seen_called_unknown": float(np.mean(called[seen] == UNKNOWN)),
+        "map_seconds": {q.name: round(q.seconds, 3) for q in queries},
+        "trained_parameters": {q.name: q.result.trained_parameters for q in queries},
+        "total_parameters": {q.name: q.result.total_parameters for q in queries},
+    }
+    if unseen.any() and seen.any():
+        scores["unknown_auroc"] = unknown_auroc(uncertainty, unseen)
+        scores["unseen_called_unknown"] = float(np.mean(called[unseen] == UNKNOWN))
+    return scores

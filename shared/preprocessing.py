@@ -1,0 +1,179 @@
+"""The preprocessing recipe: count checks, gene selection and the model's input transform.
+
+The same functions run when a reference is built and when a site maps its cells, driven by the
+:class:`~fedatlas.shared.config.PreprocessingRecipe` stored in the release, so every site
+preprocesses exactly like the reference did.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from fedatlas.shared.config import PreprocessingRecipe
+from fedatlas.shared.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+N_DISPERSION_BINS = 20
+
+
+def as_count_matrix(matrix: object, source: str) -> sp.csr_matrix:
+    """Return raw counts as CSR float32, refusing anything that is not a count matrix.
+
+    ``source`` names where the matrix came from (file and layer) for error messages. Dense and
+    sparse inputs are accepted; float values are fine as long as they are whole numbers.
+    """
+    if sp.issparse(matrix):
+        csr = sp.csr_matrix(matrix, dtype=np.float32)
+    else:
+        dense = np.asarray(matrix)
+        if dense.ndim != 2 or not np.issubdtype(dense.dtype, np.number):
+            raise InputDataError(f"{source}: expected a 2-D numeric matrix of counts")
+        csr = sp.csr_matrix(dense.astype(np.float32, copy=False))
+    values = csr.data
+    if values.size:
+        if not np.all(np.isfinite(values)):
+            raise InputDataError(f"{source}: contains NaN or infinite values; raw counts expected")
+        n_negative = int(np.count_nonzero(values < 0))
+        if n_negative:
+            raise InputDataError(
+                f"{source}: {n_negative} negative values (minimum {values.min():g}); raw counts "
+                "are expected (pass --layer NAME if the counts are in a layer)"
+            )
+        fractional = values != np.round(values)
+        if fractional.any():
+            example = float(values[np.argmax(fractional)])
+            raise InputDataError(
+                f"{source}: {int(fractional.sum())} non-integer values (e.g. {example:g}); this "
+                "looks normalised or log-transformed, but raw counts are expected (pass "
+                "--layer NAME if the counts are in a layer)"
+            )
+    csr.sort_indices()
+    return csr
+
+
+def library_sizes(counts: sp.csr_matrix) -> NDArray[np.float32]:
+    """Total counts per cell (the observed library size)."""
+    return np.asarray(counts.sum(axis=1), dtype=np.float32).ravel()
+
+
+def log_normalize(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
+    """log1p(counts / total * target_sum) per cell; cells without counts stay zero."""
+    totals = library_sizes(counts)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    out = sp.csr_matrix(counts, copy=True)
+    out.data = np.log1p(out.data * np.repeat(scale, np.diff(out.indptr))).astype(np.float32)
+    return out
+
+
+def select_highly_variable_genes(
+    counts: sp.csr_matrix, batches: NDArray[np.str_], recipe: PreprocessingRecipe
+) -> NDArray[np.int64]:
+    """Indices (ascending) of the recipe's highly variable genes.
+
+    Dispersion-based selection (Seurat style): per batch, genes are binned by mean expression and
+    their log dispersion is z-scored within the bin; a gene's rank is the number of batches in
+    which it is among the top ``n_top_genes``, ties broken by its mean normalised dispersion.
+    Batches with fewer than ``recipe.hvg_min_batch_cells`` cells do not vote (all cells vote
+    together if no batch is large enough). Genes seen in fewer than
+    ``recipe.min_cells_per_gene`` cells are never selected.
+    """
+    n_genes = counts.shape[1]
+    detected = np.asarray((counts > 0).sum(axis=0)).ravel()
+    eligible = detected >= recipe.min_cells_per_gene
+    n_eligible = int(eligible.sum())
+    if n_eligible == 0:
+        raise InputDataError(
+            f"no gene is detected in at least {recipe.min_cells_per_gene} cells; cannot select "
+            "highly variable genes"
+        )
+    n_top = min(recipe.n_top_genes, n_eligible)
+    if n_top < recipe.n_top_genes:
+        log.warning(
+            "only %d genes are detected in >= %d cells; using all of them instead of %d",
+            n_eligible,
+            recipe.min_cells_per_gene,
+            recipe.n_top_genes,
+        )
+    lognorm = log_normalize(counts, recipe.target_sum)
+    groups = [np.flatnonzero(batches == b) for b in np.unique(batches)]
+    voters = [g for g in groups if g.size >= recipe.hvg_min_batch_cells] or [
+        np.arange(counts.shape[0])
+    ]
+    votes = np.zeros(n_genes)
+    norm_sum = np.zeros(n_genes)
+    for rows in voters:
+        norm_disp = _normalized_dispersion(lognorm[rows])
+        norm_disp[~eligible] = -np.inf
+        top = np.argsort(-np.nan_to_num(norm_disp, nan=-np.inf), kind="stable")[:n_top]
+        votes[top] += 1
+        norm_sum += np.nan_to_num(norm_disp, nan=0.0, neginf=0.0)
+    mean_norm = norm_sum / len(voters)
+    order = np.lexsort((np.arange(n_genes), -mean_norm, -votes))  # last key is primary
+    order = order[eligible[order]][:n_top]
+    return np.sort(order).astype(np.int64)
+
+
+def _normalized_dispersion(lognorm: sp.csr_matrix) -> NDArray[np.float64]:
+    """Per-gene log dispersion of expm1(lognorm), z-scored within bins of mean expression."""
+    n = lognorm.shape[0]
+    linear = sp.csr_matrix(lognorm, copy=True)
+    linear.data = np.expm1(linear.data.astype(np.float64))
+    mean = np.asarray(linear.sum(axis=0)).ravel() / n
+    mean_sq = np.asarray(linear.multiply(linear).sum(axis=0)).ravel() / n
+    var = (mean_sq - mean**2) * (n / max(n - 1, 1))
+    mean = np.where(mean == 0, 1e-12, mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_disp = np.log(np.where(var > 0, var / mean, np.nan))
+    log_mean = np.log1p(mean)
+    edges = np.linspace(log_mean.min(), log_mean.max() + 1e-9, N_DISPERSION_BINS + 1)
+    bins = np.clip(np.digitize(log_mean, edges) - 1, 0, N_DISPERSION_BINS - 1)
+    out = np.full(log_mean.shape, np.nan)
+    for b in np.unique(bins):
+        members = (bins == b) & np.isfinite(log_disp)
+        if not members.any():
+            continue
+        values = log_disp[members]
+        std = values.std(ddof=1) if values.size > 1 else np.nan
+        # A bin with one gene (or no spread) gives that gene a neutral-high score, as Seurat does.
+        out[members] = (values - values.mean()) / std if np.isfinite(std) and std > 0 else 1.0
+    return out
+
+
+def maxabs_scales(
+    lognorm: sp.csr_matrix, conditions: NDArray[np.int64], n_conditions: int
+) -> NDArray[np.float32]:
+    """Per-condition, per-gene maximum of the log-normalised values (1 where a gene is absent),
+    for SCALEX's per-batch MaxAbs scaling."""
+    scales = np.ones((n_conditions, lognorm.shape[1]), dtype=np.float32)
+    for c in np.unique(conditions):
+        block = lognorm[conditions == c]
+        peak = np.asarray(block.max(axis=0).todense()).ravel()
+        scales[c] = np.where(peak > 0, peak, 1.0)
+    return scales
+
+
+def model_input(
+    counts: Tensor,
+    library: Tensor,
+    recipe: PreprocessingRecipe,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """The encoder's input for a dense minibatch of counts (cells x genes).
+
+    log1p(counts / library * target_sum), divided by the per-cell MaxAbs ``scale`` rows when the
+    recipe asks for per-batch MaxAbs scaling.
+    """
+    factor = torch.where(library > 0, recipe.target_sum / library.clamp(min=1e-12), 0.0)
+    out = torch.log1p(counts * factor.unsqueeze(-1))
+    if recipe.input_transform == "log_normalized_maxabs":
+        if scale is None:
+            raise ValueError("per-batch MaxAbs scales are required by this recipe")
+        out = out / scale
+    return out

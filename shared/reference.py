@@ -1,0 +1,183 @@
+"""Building a reference release from raw counts (the coordinator's, or a consortium's, data)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+import fedatlas.shared as fs
+from fedatlas.shared.config import PreprocessingRecipe, Preset, TrainConfig, get_preset
+from fedatlas.shared.dataset import UNLABELED, CellTable, condition_name, label_targets
+from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
+from fedatlas.shared.nn.vae import CondVAE
+from fedatlas.shared.preprocessing import log_normalize, maxabs_scales, select_highly_variable_genes
+from fedatlas.shared.progress import Progress
+from fedatlas.shared.prototypes import PrototypeSet, cluster_prototypes
+from fedatlas.shared.release import (
+    CONDITION_TENSOR,
+    LATENT_TENSOR,
+    MODEL_PREFIX,
+    UNLABELED_PREFIX,
+    Release,
+    prototype_prefix,
+    reference_label_tensor,
+)
+from fedatlas.shared.training import (
+    FitResult,
+    PrototypeTargets,
+    TrainingData,
+    estimate_dsbn_statistics,
+    fit,
+    latent_means,
+)
+
+log = logging.getLogger(__name__)
+
+REFERENCE_SITE = "reference"
+
+
+@dataclass
+class BuildResult:
+    """A built release and what training did."""
+
+    release: Release
+    fit: FitResult
+    latent: NDArray[np.float32]  # reference cells' latent means, in input order
+    conditions: NDArray[np.int64]  # condition index of each reference cell
+
+
+def build_reference(
+    cells: CellTable,
+    *,
+    preset: Preset | str = "scpoli",
+    seed: int = 0,
+    epochs: int | None = None,
+    n_top_genes: int = 2000,
+    model_overrides: Mapping[str, Any] | None = None,
+    train_overrides: Mapping[str, Any] | None = None,
+    site_id: str = REFERENCE_SITE,
+    keep_latents: bool = True,
+    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
+    progress: bool = True,
+) -> BuildResult:
+    """Select genes, train the full network on ``cells`` and package a release.
+
+    ``cells.labels`` gives the label levels in order (primary first); ``epochs`` rescales the
+    preset's recipe (its phases keep their proportions). Reference latents (one row per cell,
+    latent space only) are kept in the release when ``keep_latents`` so kNN transfer and plots
+    of the reference work at sites.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    overrides = dict(model_overrides or {})
+    model_cfg = preset.model_config(n_top_genes, **overrides)  # validate before any work
+    recipe = PreprocessingRecipe(n_top_genes=n_top_genes, input_transform=model_cfg.input_transform)
+    train = preset.reference if epochs is None else preset.reference.scaled_to(epochs)
+    if train_overrides:
+        train = TrainConfig.from_dict({**train.to_dict(), **train_overrides})
+    if train.mmd_weight > 0 and not model_cfg.decoder_hidden:
+        raise ConfigError("mmd_weight > 0 needs a hidden decoder layer (decoder_hidden)")
+
+    gene_index = select_highly_variable_genes(cells.counts, cells.batches, recipe)
+    genes = [cells.genes[i] for i in gene_index]
+    counts = cells.counts[:, gene_index].tocsr()
+    model_cfg = preset.model_config(len(genes), **overrides)
+    batch_names = sorted(set(cells.batches.tolist()))
+    conditions = np.searchsorted(np.asarray(batch_names), cells.batches).astype(np.int64)
+    levels = list(cells.labels)
+    vocab = {lv: sorted({str(v) for v in cells.labels[lv]} - {UNLABELED}) for lv in levels}
+    targets = [label_targets(cells.labels[lv], vocab[lv]) for lv in levels]
+    scales = None
+    if recipe.input_transform == "log_normalized_maxabs":
+        scales = maxabs_scales(
+            log_normalize(counts, recipe.target_sum), conditions, len(batch_names)
+        )
+    data = TrainingData(
+        counts, conditions, targets, scales, conditions if scales is not None else None
+    )
+    log.info(
+        "reference: %d cells, %d batches, %d genes selected, label levels %s",
+        data.n_cells,
+        len(batch_names),
+        len(genes),
+        levels or "none",
+    )
+
+    model = CondVAE(model_cfg, len(batch_names))
+    prototypes = PrototypeTargets(
+        [torch.zeros(0, model_cfg.latent_dim) for _ in levels],
+        [len(vocab[lv]) for lv in levels],
+        model_cfg.latent_dim,
+    )
+    reporter = Progress("training reference", train.epochs, "epoch", enabled=progress)
+    result = fit(
+        model,
+        data,
+        train,
+        recipe,
+        mode="reference",
+        prototypes=prototypes,
+        seed=seed,
+        progress=reporter,
+    )
+    reporter.finish("stopped early" if result.stopped_early else "")
+    means = latent_means(model, data, recipe)
+    estimate_dsbn_statistics(model, data, recipe, means)
+    model.freeze_all()
+
+    tensors = {MODEL_PREFIX + k: v for k, v in model.export_tensors().items()}
+    described: dict[str, Any] = {}
+    for i, lv in enumerate(levels):
+        pset, _ = PrototypeSet.from_latents(means, cells.labels[lv], site_id)
+        tensors.update(pset.to_tensors(prototype_prefix(i)))
+        described[lv] = pset.describe()
+    unlabeled_meta = None
+    unlabeled = np.ones(data.n_cells, bool) if not levels else cells.labels[levels[0]] == UNLABELED
+    if unlabeled.sum() >= 3:
+        clusters = cluster_prototypes(means[unlabeled], source=site_id, seed=seed)
+        tensors.update(clusters.to_tensors(UNLABELED_PREFIX))
+        unlabeled_meta = clusters.describe()
+    if keep_latents:
+        tensors[LATENT_TENSOR] = torch.from_numpy(means.copy())
+        tensors[CONDITION_TENSOR] = torch.from_numpy(conditions.astype(np.int32))
+        for i, t in enumerate(targets):
+            tensors[reference_label_tensor(i)] = torch.from_numpy(t.astype(np.int32))
+
+    cell_counts = np.bincount(conditions, minlength=len(batch_names))
+    content = {
+        "kind": "reference",
+        "preset": preset.name,
+        "model": model_cfg.to_dict(),
+        "preprocessing": recipe.to_dict(),
+        "reference_training": train.to_dict(),
+        "mapping": preset.mapping.to_dict(),
+        "seed": seed,
+        "genes": genes,
+        "conditions": [
+            {"name": condition_name(site_id, b), "origin": site_id, "n_cells": int(n)}
+            for b, n in zip(batch_names, cell_counts, strict=True)
+        ],
+        "label_levels": levels,
+        "prototypes": described,
+        "unlabeled_prototypes": unlabeled_meta,
+        "reference": {"n_cells": data.n_cells, "keeps_latents": keep_latents, "label_vocab": vocab},
+        "transfer": {"method": "prototype", "unknown_threshold": unknown_threshold},
+        "lineage": {"base": None, "adaptors": []},
+    }
+    provenance = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "fedatlas_version": fs.__version__,
+        "torch_version": str(torch.__version__),
+        "epochs_trained": result.epochs,
+        "training_seconds": round(result.seconds, 3),
+    }
+    release = Release.assemble(content, tensors, provenance)
+    return BuildResult(release=release, fit=result, latent=means, conditions=conditions)

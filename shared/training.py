@@ -1,0 +1,486 @@
+"""The training plan: minibatches, the loss, the epoch loop, and passes over all cells.
+
+One loop serves both jobs. ``mode="reference"`` trains the whole network (train mode: dropout
+and batch statistics on). ``mode="mapping"`` keeps the network in eval mode, so dropout is off and
+no running statistic moves, and only the fresh condition rows reach the optimiser; the frozen
+first-layer projection of every cell is computed once and reused across epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from fedatlas.shared.config import PreprocessingRecipe, TrainConfig
+from fedatlas.shared.nn.likelihoods import NonZero
+from fedatlas.shared.nn.mmd import mmd_across_conditions
+from fedatlas.shared.nn.vae import CondVAE
+from fedatlas.shared.preprocessing import library_sizes, model_input
+from fedatlas.shared.progress import Progress
+
+Mode = Literal["reference", "mapping"]
+CHUNK_CELLS = 4096
+
+
+@dataclass
+class TrainingData:
+    """Cells in model gene order with their condition indices and prototype targets."""
+
+    counts: sp.csr_matrix
+    conditions: NDArray[np.int64]
+    targets: list[NDArray[np.int64]] = field(default_factory=list)  # per level; -1 = none
+    scales: NDArray[np.float32] | None = None  # MaxAbs scale rows (Bernoulli recipe)
+    scale_index: NDArray[np.int64] | None = None  # row of ``scales`` for each cell
+    library: NDArray[np.float32] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.library = library_sizes(self.counts)
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells."""
+        return int(self.counts.shape[0])
+
+
+@dataclass
+class Batch:
+    """A minibatch as tensors."""
+
+    counts: Tensor
+    nonzero: NonZero
+    library: Tensor
+    condition: Tensor
+    model_input: Tensor
+    targets: list[Tensor]
+    projected: Tensor | None
+
+
+def make_batch(
+    data: TrainingData,
+    rows: NDArray[np.int64],
+    recipe: PreprocessingRecipe,
+    projected: NDArray[np.float32] | None = None,
+) -> Batch:
+    """Densify the rows ``rows`` of ``data`` into a :class:`Batch`."""
+    block = data.counts[rows].tocoo()
+    counts = torch.from_numpy(block.toarray())
+    nonzero = NonZero(
+        torch.from_numpy(block.row.astype(np.int64)),
+        torch.from_numpy(block.col.astype(np.int64)),
+        torch.from_numpy(block.data),
+    )
+    library = torch.from_numpy(data.library[rows])
+    scale = None
+    if data.scales is not None and data.scale_index is not None:
+        scale = torch.from_numpy(data.scales[data.scale_index[rows]])
+    return Batch(
+        counts=counts,
+        nonzero=nonzero,
+        library=library,
+        condition=torch.from_numpy(data.conditions[rows]),
+        model_input=model_input(counts, library, recipe, scale),
+        targets=[torch.from_numpy(t[rows]) for t in data.targets],
+        projected=None if projected is None else torch.from_numpy(projected[rows]),
+    )
+
+
+def iter_chunks(
+    data: TrainingData, recipe: PreprocessingRecipe, chunk_cells: int = CHUNK_CELLS
+) -> Iterator[tuple[NDArray[np.int64], Batch]]:
+    """All cells in order, ``chunk_cells`` at a time."""
+    for start in range(0, data.n_cells, chunk_cells):
+        rows = np.arange(start, min(start + chunk_cells, data.n_cells))
+        yield rows, make_batch(data, rows, recipe)
+
+
+@torch.no_grad()
+def project_inputs(
+    model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe
+) -> NDArray[np.float32]:
+    """First-layer projection (without condition term) of every cell; valid while it is frozen."""
+    out = np.empty((data.n_cells, model.encoder_input.out_features), dtype=np.float32)
+    for rows, batch in iter_chunks(data, recipe):
+        out[rows] = model.project_input(batch.model_input).numpy()
+    return out
+
+
+@torch.no_grad()
+def latent_means(
+    model: CondVAE,
+    data: TrainingData,
+    recipe: PreprocessingRecipe,
+    progress: Progress | None = None,
+) -> NDArray[np.float32]:
+    """Latent mean of every cell (the embedding sites report), in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = np.empty((data.n_cells, model.config.latent_dim), dtype=np.float32)
+    for rows, batch in iter_chunks(data, recipe):
+        mean, _ = model.encode(batch.model_input, batch.condition)
+        out[rows] = mean.numpy()
+        if progress is not None:
+            progress.advance(len(rows))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def estimate_dsbn_statistics(
+    model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe, means: NDArray[np.float32]
+) -> None:
+    """Set the DSBN statistics of every fresh condition to the exact mean and variance of its
+    cells' pre-normalisation decoder output (latent means as input). Frozen rows are untouched."""
+    if model.dsbn is None:
+        return
+    stats_mean, stats_var = model.dsbn.running_mean, model.dsbn.running_var
+    n_frozen, n_fresh = stats_mean.n_frozen, stats_mean.fresh.shape[0]
+    if n_fresh == 0:
+        return
+    width = stats_mean.row_shape[0]
+    sums = torch.zeros(n_fresh, width, dtype=torch.float64)
+    squares = torch.zeros(n_fresh, width, dtype=torch.float64)
+    counts = torch.zeros(n_fresh, dtype=torch.float64)
+    for start in range(0, data.n_cells, CHUNK_CELLS):
+        rows = np.arange(start, min(start + CHUNK_CELLS, data.n_cells))
+        condition = torch.from_numpy(data.conditions[rows])
+        fresh = condition >= n_frozen
+        if not fresh.any():
+            continue
+        z = torch.from_numpy(means[rows])[fresh]
+        _, _, logits = model.decode_before_dsbn(z, condition[fresh])
+        index = condition[fresh] - n_frozen
+        logits64 = logits.double()
+        sums.index_add_(0, index, logits64)
+        squares.index_add_(0, index, logits64**2)
+        counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    seen = counts > 0
+    mean = torch.where(seen[:, None], sums / counts.clamp(min=1)[:, None], 0.0)
+    var = torch.where(seen[:, None], squares / counts.clamp(min=1)[:, None] - mean**2, 1.0)
+    stats_mean.set_fresh(mean.float())
+    stats_var.set_fresh(var.clamp(min=0).float())
+
+
+class PrototypeTargets:
+    """Per label level, the prototypes the prototype loss pulls cells towards (scPoli).
+
+    Rows ``[0, n_fixed)`` of a level come from a release and never move. The other rows belong
+    to labels being learnt: each is the mean latent of the training cells with that label,
+    recomputed (without gradient) when the prototype phase starts and after every epoch of it.
+    """
+
+    def __init__(self, fixed: list[Tensor], n_labels: list[int], latent_dim: int) -> None:
+        self.n_fixed = [int(f.shape[0]) for f in fixed]
+        self.tables = [
+            torch.cat([f.detach().float(), torch.zeros(n - f.shape[0], latent_dim)])
+            for f, n in zip(fixed, n_labels, strict=True)
+        ]
+
+    def level(self, i: int) -> Tensor:
+        """All prototypes of level ``i`` (fixed first)."""
+        return self.tables[i]
+
+    def update(self, means: NDArray[np.float32], targets: list[NDArray[np.int64]]) -> None:
+        """Move every learnt prototype to the mean latent of the cells that carry its label."""
+        for i, target in enumerate(targets):
+            for j in range(self.n_fixed[i], self.tables[i].shape[0]):
+                rows = target == j
+                if rows.any():
+                    self.tables[i][j] = torch.from_numpy(means[rows].mean(axis=0))
+
+    def state(self) -> list[Tensor]:
+        """A copy of the current prototypes."""
+        return [t.clone() for t in self.tables]
+
+    def load_state(self, state: list[Tensor]) -> None:
+        """Restore prototypes saved by :meth:`state`."""
+        self.tables = [t.clone() for t in state]
+
+
+def prototype_loss(z: Tensor, targets: list[Tensor], prototypes: PrototypeTargets) -> Tensor:
+    """scPoli's prototype loss: for every label level and every label present, the mean squared
+    Euclidean distance of its cells to its prototype, summed over labels and levels."""
+    loss = z.new_zeros(())
+    for i, target in enumerate(targets):
+        labelled = target >= 0
+        if not labelled.any():
+            continue
+        labels = target[labelled]
+        sq = ((z[labelled] - prototypes.level(i)[labels]) ** 2).sum(dim=-1)
+        present, inverse = torch.unique(labels, return_inverse=True)
+        per_label = torch.zeros(len(present)).index_add(0, inverse, sq)
+        counts = torch.zeros(len(present)).index_add(0, inverse, torch.ones_like(sq))
+        loss = loss + (per_label / counts).sum()
+    return loss
+
+
+@dataclass
+class LossParts:
+    """The loss of one minibatch and its parts (per cell)."""
+
+    total: Tensor
+    monitored: float  # with final (not annealed) weights, for early stopping
+    parts: dict[str, float]
+
+
+def compute_loss(
+    model: CondVAE,
+    batch: Batch,
+    train: TrainConfig,
+    *,
+    kl_weight: float,
+    prototypes: PrototypeTargets | None,
+    sample: bool,
+) -> LossParts:
+    """ELBO (+ MMD across conditions, + prototype loss when ``prototypes`` is given)."""
+    if batch.projected is not None:
+        mean, log_var = model.encode_projected(batch.projected, batch.condition)
+    else:
+        mean, log_var = model.encode(batch.model_input, batch.condition)
+    z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var) if sample else mean
+    out = model.decode(z, batch.condition)
+    recon = model.reconstruction_nll(
+        out, batch.counts, batch.nonzero, batch.model_input, batch.library, batch.condition
+    ).mean()
+    kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp()).sum(dim=-1)).mean()
+    total = recon + kl_weight * kl
+    monitored = recon + train.kl_weight * kl
+    parts = {"recon": recon.item(), "kl": kl.item()}
+    if train.mmd_weight > 0 and out.first_hidden is not None:
+        mmd = mmd_across_conditions(out.first_hidden, batch.condition)
+        total = total + train.mmd_weight * mmd
+        monitored = monitored + train.mmd_weight * mmd
+        parts["mmd"] = mmd.item()
+    if prototypes is not None:
+        proto = prototype_loss(z, batch.targets, prototypes)
+        total = total + train.prototype_weight * proto
+        monitored = monitored + train.prototype_weight * proto
+        parts["prototype"] = proto.item()
+    return LossParts(total=total, monitored=monitored.item(), parts=parts)
+
+
+@dataclass
+class FitResult:
+    """What a training run did."""
+
+    epochs: int
+    iterations: int
+    seconds: float
+    stopped_early: bool
+    best_epoch: int
+    trained_parameters: int
+    history: list[dict[str, float]]
+
+
+def fit(
+    model: CondVAE,
+    data: TrainingData,
+    train: TrainConfig,
+    recipe: PreprocessingRecipe,
+    *,
+    mode: Mode,
+    prototypes: PrototypeTargets | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data`` with recipe ``train``.
+
+    The best state (lowest monitored loss: validation when a validation share is set, else
+    training) is restored at the end, as scArches does. Returns a :class:`FitResult`.
+    """
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    train_rows, val_rows = _split(data.n_cells, train.validation_fraction, rng)
+    projected = project_inputs(model, data, recipe) if mode == "mapping" else None
+
+    params = model.trainable_parameters()
+    optimiser = _optimiser(model, params, train)
+    proto_phase_start = train.effective_pretrain_epochs
+    use_prototypes = (
+        prototypes is not None
+        and train.prototype_weight > 0
+        and any((t >= 0).any() for t in data.targets)
+        and proto_phase_start < train.epochs
+    )
+    history: list[dict[str, float]] = []
+    best = (math.inf, -1)
+    snapshot = _snapshot(model, prototypes)
+    stale = 0
+    iterations = 0
+    stopped_early = False
+    epoch = 0
+    for epoch in range(train.epochs):
+        proto_active = use_prototypes and epoch >= proto_phase_start
+        if proto_active and epoch == proto_phase_start:
+            assert prototypes is not None
+            prototypes.update(latent_means(model, data, recipe), data.targets)
+            best, stale = (math.inf, -1), 0  # the objective changes
+        if optimiser is None:
+            break
+        kl_weight = train.kl_weight
+        if train.kl_anneal_epochs > 0:
+            kl_weight *= min(1.0, (epoch + 1) / train.kl_anneal_epochs)
+        model.train(mode == "reference")
+        order = _epoch_order(train_rows, data.conditions, train.balance_conditions, rng)
+        sums: dict[str, float] = {}
+        n_seen = 0
+        for start in range(0, len(order), train.batch_size):
+            rows = order[start : start + train.batch_size]
+            if len(rows) < 2 and mode == "reference":
+                continue  # batch statistics need two cells
+            batch = make_batch(data, rows, recipe, projected)
+            loss = compute_loss(
+                model,
+                batch,
+                train,
+                kl_weight=kl_weight,
+                prototypes=prototypes if proto_active else None,
+                sample=True,
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.total.backward()
+            if train.grad_clip:
+                nn.utils.clip_grad_norm_(params, train.grad_clip)
+            optimiser.step()
+            iterations += 1
+            n_seen += len(rows)
+            for k, v in {"loss": loss.monitored, **loss.parts}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(rows)
+            if train.max_iterations and iterations >= train.max_iterations:
+                break
+        record = {k: v / max(n_seen, 1) for k, v in sums.items()}
+        model.eval()
+        if proto_active:
+            assert prototypes is not None
+            prototypes.update(latent_means(model, data, recipe), data.targets)
+        if val_rows.size:
+            record["val_loss"] = _evaluate(
+                model,
+                data,
+                val_rows,
+                recipe,
+                train,
+                projected,
+                prototypes if proto_active else None,
+            )
+        history.append(record)
+        monitored = record.get("val_loss", record.get("loss", math.inf))
+        improved = not math.isfinite(best[0]) or monitored < best[0] - 1e-6 * abs(best[0])
+        if improved:
+            best, stale = (monitored, epoch), 0
+            snapshot = _snapshot(model, prototypes)
+        else:
+            stale += 1
+        if progress is not None:
+            progress.advance(1, **record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+        if train.max_iterations and iterations >= train.max_iterations:
+            break
+        annealing = epoch + 1 < train.kl_anneal_epochs
+        patience = train.early_stopping_patience
+        if patience is not None and stale >= patience and not annealing:
+            stopped_early = True
+            break
+    if history:
+        _restore(model, prototypes, snapshot)
+    model.eval()
+    return FitResult(
+        epochs=len(history),
+        iterations=iterations,
+        seconds=time.perf_counter() - started,
+        stopped_early=stopped_early,
+        best_epoch=best[1],
+        trained_parameters=sum(p.numel() for p in params) if history else 0,
+        history=history,
+    )
+
+
+def _split(
+    n_cells: int, fraction: float, rng: np.random.Generator
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    n_val = int(n_cells * fraction)
+    if fraction <= 0 or n_val < 1 or n_cells - n_val < 2:
+        return np.arange(n_cells), np.zeros(0, dtype=np.int64)
+    order = rng.permutation(n_cells)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@torch.no_grad()
+def _evaluate(
+    model: CondVAE,
+    data: TrainingData,
+    rows: NDArray[np.int64],
+    recipe: PreprocessingRecipe,
+    train: TrainConfig,
+    projected: NDArray[np.float32] | None,
+    prototypes: PrototypeTargets | None,
+) -> float:
+    total = 0.0
+    for start in range(0, len(rows), CHUNK_CELLS):
+        part = rows[start : start + CHUNK_CELLS]
+        batch = make_batch(data, part, recipe, projected)
+        loss = compute_loss(
+            model, batch, train, kl_weight=train.kl_weight, prototypes=prototypes, sample=False
+        )
+        total += loss.monitored * len(part)
+    return total / len(rows)
+
+
+def _optimiser(
+    model: CondVAE, params: list[nn.Parameter], train: TrainConfig
+) -> torch.optim.Optimizer | None:
+    """Adam over ``params``; condition embeddings get no weight decay (as in scPoli)."""
+    if not params:
+        return None
+    no_decay = {id(model.embedding.fresh)} if model.embedding is not None else set()
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in params if id(p) not in no_decay]},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.Adam(
+        [g for g in groups if g["params"]],
+        lr=train.lr,
+        eps=train.adam_eps,
+        weight_decay=train.weight_decay,
+        fused=True,
+    )
+
+
+def _epoch_order(
+    rows: NDArray[np.int64],
+    conditions: NDArray[np.int64],
+    balance: bool,
+    rng: np.random.Generator,
+) -> NDArray[np.int64]:
+    """Cells of one epoch: a permutation, or (``balance``) as many draws with replacement in
+    which every condition is equally likely, so small batches weigh as much as large ones."""
+    if not balance:
+        return rng.permutation(rows)
+    cond = conditions[rows]
+    _, inverse, counts = np.unique(cond, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return rng.choice(rows, size=rows.size, replace=True, p=weights / weights.sum())
+
+
+def _snapshot(model: CondVAE, prototypes: PrototypeTargets | None) -> dict[str, Any]:
+    return {
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "prototypes": prototypes.state() if prototypes is not None else None,
+    }
+
+
+def _restore(model: CondVAE, prototypes: PrototypeTargets | None, state: dict[str, Any]) -> None:
+    model.load_state_dict(state["model"])
+    if prototypes is not None and state["prototypes"] is not None:
+        prototypes.load_state(state["prototypes"])
