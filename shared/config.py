@@ -21,8 +21,36 @@ Norm = Literal["layer", "batch", "none"]
 Dispersion = Literal["gene", "gene-condition"]
 InputTransform = Literal["log_normalized", "log_normalized_maxabs"]
 TransferMethod = Literal["prototype", "knn"]
+MmdOn = Literal["decoder", "latent"]
 
 COUNT_LIKELIHOODS = frozenset({"nb", "zinb", "poisson"})
+
+
+def _check_literal(obj: object, name: str, literal: Any) -> None:
+    value = getattr(obj, name)
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _to_plain(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _from_plain(cls: Any, data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -106,7 +134,9 @@ class TrainConfig:
             (scArches' stratified sampling) instead of a plain shuffle.
         kl_weight: weight of the KL term after annealing.
         kl_anneal_epochs: linear warm-up of the KL weight from 0 over this many epochs.
-        mmd_weight: weight of the MMD penalty across conditions on the first decoder layer.
+        mmd_weight: weight of the MMD penalty across the conditions of a minibatch.
+        mmd_on: where MMD compares conditions: the first decoder layer (trVAE, as the scArches
+            paper describes it) or the latent space (scArches' software default).
         prototype_weight: eta, weight of the prototype loss d(z, p_k).
         early_stopping_patience: stop after this many epochs without improvement of the
             monitored loss (validation loss when ``validation_fraction`` > 0, else training loss);
@@ -126,6 +156,7 @@ class TrainConfig:
     kl_weight: float = 1.0
     kl_anneal_epochs: int = 0
     mmd_weight: float = 0.0
+    mmd_on: MmdOn = "decoder"
     prototype_weight: float = 0.0
     early_stopping_patience: int | None = None
     validation_fraction: float = 0.0
@@ -142,6 +173,7 @@ class TrainConfig:
             raise ConfigError("mmd_weight and prototype_weight must be >= 0")
         if not 0.0 <= self.validation_fraction < 0.5:
             raise ConfigError("validation_fraction must be in [0, 0.5)")
+        _check_literal(self, "mmd_on", MmdOn)
 
     @property
     def effective_pretrain_epochs(self) -> int:
@@ -376,30 +408,3 @@ def parse_overrides(pairs: list[str], target: type) -> dict[str, Any]:
                 value = raw
         out[key] = value
     return out
-
-
-def _check_literal(obj: object, name: str, literal: Any) -> None:
-    value = getattr(obj, name)
-    allowed = get_args(literal)
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _to_plain(obj: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def _from_plain(cls: Any, data: Mapping[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from None

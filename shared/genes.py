@@ -52,8 +52,12 @@ class GeneAlignment:
             "overlap": round(self.overlap, 6),
         }
 
-    def apply(self, counts: sp.csr_matrix) -> sp.csr_matrix:
-        """Reorder ``counts`` (cells x dataset genes) into release order, zero-filling gaps."""
+    def apply(self, counts: sp.csr_matrix, rows_per_chunk: int = 8192) -> sp.csr_matrix:
+        """Reorder ``counts`` (cells x dataset genes) into release order, zero-filling gaps.
+
+        Works through ``rows_per_chunk`` cells at a time, so besides the result it needs only
+        small temporary arrays, however many cells and genes the dataset has.
+        """
         if counts.shape[1] != self.n_dataset_genes:
             raise ValueError("matrix does not have the dataset's number of genes")
         identity = self.n_release_genes == self.n_dataset_genes and np.array_equal(
@@ -61,16 +65,26 @@ class GeneAlignment:
         )
         if identity:
             return counts
-        target = np.full(self.n_dataset_genes, -1, dtype=np.int64)
+        target = np.full(self.n_dataset_genes, -1, dtype=np.int32)
         found = self.source_columns >= 0
         target[self.source_columns[found]] = np.flatnonzero(found)
-        new_cols = target[counts.indices]
-        keep = new_cols >= 0
-        row_of = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        n_rows = counts.shape[0]
+        chunks = [(r, min(r + rows_per_chunk, n_rows)) for r in range(0, n_rows, rows_per_chunk)]
+        indptr = np.zeros(n_rows + 1, dtype=np.int64)
+        for r0, r1 in chunks:  # pass 1: how many entries each cell keeps
+            a, b = counts.indptr[r0], counts.indptr[r1]
+            kept = np.concatenate([[0], np.cumsum(target[counts.indices[a:b]] >= 0)])
+            indptr[r0 + 1 : r1 + 1] = indptr[r0] + kept[counts.indptr[r0 + 1 : r1 + 1] - a]
+        data = np.empty(int(indptr[-1]), dtype=np.float32)
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        for r0, r1 in chunks:  # pass 2: copy them, renumbered
+            a, b = counts.indptr[r0], counts.indptr[r1]
+            columns = target[counts.indices[a:b]]
+            kept = columns >= 0
+            data[indptr[r0] : indptr[r1]] = counts.data[a:b][kept]
+            indices[indptr[r0] : indptr[r1]] = columns[kept]
         out = sp.csr_matrix(
-            (counts.data[keep], (row_of[keep], new_cols[keep])),
-            shape=(counts.shape[0], self.n_release_genes),
-            dtype=np.float32,
+            (data, indices, indptr), shape=(n_rows, self.n_release_genes), copy=False
         )
         out.sort_indices()
         return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from numpy.typing import NDArray
 
@@ -129,58 +130,42 @@ def map_cells(
             f"{len(cells.labels)} label keys given but the release has {len(levels)} label "
             f"level(s) ({', '.join(levels) or 'none'})"
         )
-    method = transfer or release.content["transfer"]["method"]
+    transfer_defaults = release.content["transfer"]
+    method = transfer or transfer_defaults["method"]
     threshold = (
-        release.content["transfer"]["unknown_threshold"]
-        if unknown_threshold is None
-        else unknown_threshold
+        transfer_defaults["unknown_threshold"] if unknown_threshold is None else unknown_threshold
     )
     alignment = align_genes(cells.genes, release.genes, min_overlap=min_gene_overlap, source=source)
-    counts = alignment.apply(cells.counts)
     if alignment.n_missing:
         log.warning(
             "%s: %d of %d release genes are missing and were zero-filled",
-            source,
-            alignment.n_missing,
-            alignment.n_release_genes,
-        )
+            source, alignment.n_missing, alignment.n_release_genes,
+        )  # fmt: skip
     assignments, conditions = _assign_conditions(release, cells.batches, site_id)
     new = [a for a in assignments if not a.known]
+    model = operate(release, len(new))
+    catalogue = [release.prototypes(lv) for lv in levels]
+    site_labels = list(cells.labels.values())
+    data, new_labels = _training_data(
+        release, alignment.apply(cells.counts), conditions, site_labels, catalogue
+    )
     timings["prepare"] = time.perf_counter() - t0
 
-    model = operate(release, len(new))
-    recipe = release.recipe
-    site_labels = list(cells.labels.values())
-    catalogue = [release.prototypes(lv) for lv in levels]
-    new_labels = [
-        sorted({str(v) for v in labels} - {UNLABELED} - set(catalogue[i].labels))
-        for i, labels in enumerate(site_labels)
-    ]
-    targets = [
-        label_targets(labels, list(catalogue[i].labels) + new_labels[i])
-        for i, labels in enumerate(site_labels)
-    ]
-    scales = None
-    if recipe.input_transform == "log_normalized_maxabs":
-        scales = maxabs_scales(
-            log_normalize(counts, recipe.target_sum), conditions, model.n_conditions
-        )
-    data = TrainingData(
-        counts, conditions, targets, scales, conditions if scales is not None else None
-    )
-
+    t1 = time.perf_counter()
     train = (
         release.mapping_defaults if epochs is None else release.mapping_defaults.scaled_to(epochs)
     )
     if train_overrides:
         train = TrainConfig.from_dict({**train.to_dict(), **train_overrides})
+    latent = None
+    if model.dsbn is not None and new:
+        # The encoder never sees the condition: the latent is final before any training, and
+        # the new branches' statistics are estimated from it in one pass.
+        latent = latent_means(model, data, release.recipe)
+        estimate_dsbn_statistics(model, data, release.recipe, latent)
     fit_result = None
-    t1 = time.perf_counter()
-    if new:
-        if model.dsbn is not None:  # the new branches' statistics, before anything uses them
-            estimate_dsbn_statistics(model, data, recipe, latent_means(model, data, recipe))
-        fresh = conditions >= len(release.condition_names)
-        train_data = _subset(data, np.flatnonzero(fresh))
+    if new and train.epochs > 0:
+        n_known = len(release.condition_names)
         prototypes = PrototypeTargets(
             [torch.from_numpy(c.means) for c in catalogue[: len(site_labels)]],
             [len(catalogue[i]) + len(n) for i, n in enumerate(new_labels)],
@@ -188,77 +173,43 @@ def map_cells(
         )
         reporter = Progress(
             f"training adaptor ({len(new)} new condition{'s' if len(new) > 1 else ''})",
-            train.epochs,
-            "epoch",
-            enabled=progress and train.epochs > 0,
-        )
+            train.epochs, "epoch", enabled=progress,
+        )  # fmt: skip
         fit_result = fit(
-            model,
-            train_data,
-            train,
-            recipe,
-            mode="mapping",
-            prototypes=prototypes,
-            seed=seed,
-            progress=reporter,
-        )
-        if train.epochs:
-            reporter.finish("stopped early" if fit_result.stopped_early else "")
+            model, _fresh_cells(data, n_known), train, release.recipe, mode="mapping",
+            prototypes=prototypes, seed=seed, progress=reporter,
+        )  # fmt: skip
+        reporter.finish("stopped early" if fit_result.stopped_early else "")
     timings["train"] = time.perf_counter() - t1
     assert_frozen(release, model)
 
     t2 = time.perf_counter()
-    reporter = Progress("projecting", data.n_cells, "cell", enabled=progress)
-    latent = latent_means(model, data, recipe, progress=reporter)
+    if latent is None:
+        reporter = Progress("projecting", data.n_cells, "cell", enabled=progress)
+        latent = latent_means(model, data, release.recipe, progress=reporter)
     timings["project"] = time.perf_counter() - t2
 
     adaptor = None
-    dropped: dict[str, dict[str, int]] = {}
     site_sets: list[PrototypeSet] = []
+    dropped: dict[str, dict[str, int]] = {}
     if new:
-        fresh_rows = np.isin(cells.batches, [a.batch for a in new])
-        for i, lv in enumerate(levels):
-            labels = site_labels[i] if i < len(site_labels) else None
-            if labels is None:
-                site_sets.append(PrototypeSet.empty(model.config.latent_dim))
-                continue
-            pset, too_small = PrototypeSet.from_latents(
-                latent[fresh_rows], labels[fresh_rows], site_id, min_cells=min_prototype_cells
-            )
-            site_sets.append(pset)
-            if too_small:
-                dropped[lv] = too_small
-                log.warning(
-                    "labels with fewer than %d cells stay at the site (no prototype): %s",
-                    min_prototype_cells,
-                    ", ".join(f"{k} ({v})" for k, v in too_small.items()),
-                )
+        fresh_rows = conditions >= len(release.condition_names)
+        site_sets, dropped = _site_prototypes(
+            levels, site_labels, latent, fresh_rows, site_id, min_prototype_cells
+        )
         adaptor = extract_adaptor(
             release,
             model,
             site_id=site_id,
             conditions=[(a.condition, a.n_cells) for a in new],
             prototypes=site_sets,
-            training=_training_summary(fit_result, train, data.n_cells),
+            training=_training_summary(fit_result, train, int(fresh_rows.sum())),
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
 
     t3 = time.perf_counter()
-    transfers: dict[str, Transfer] = {}
-    for i, lv in enumerate(levels):
-        merged = merge_prototype_sets([catalogue[i], *site_sets[i : i + 1]])
-        if method == "knn":
-            ref = release.reference_latents()
-            ref_labels = release.reference_labels(lv)
-            if ref is None or ref_labels is None:
-                raise ConfigError("kNN transfer needs reference latents, which this release lacks")
-            transfers[lv] = knn_transfer(latent, ref[0], ref_labels, threshold=threshold)
-        elif len(merged):
-            transfers[lv] = prototype_transfer(latent, merged, threshold=threshold)
-    if not levels and (clusters := release.unlabeled_prototypes()) is not None:
-        transfers["cluster"] = prototype_transfer(latent, clusters, threshold=threshold)
+    transfers = _transfer(release, latent, catalogue, site_sets, method, threshold)
     timings["transfer"] = time.perf_counter() - t3
-    trained = fit_result.trained_parameters if fit_result else 0
     return MappingResult(
         release=release,
         latent=latent,
@@ -267,7 +218,7 @@ def map_cells(
         alignment=alignment,
         adaptor=adaptor,
         fit=fit_result,
-        trained_parameters=trained,
+        trained_parameters=fit_result.trained_parameters if fit_result else 0,
         total_parameters=model.total_parameter_count(),
         model=model,
         transfer_method=method,
@@ -275,6 +226,103 @@ def map_cells(
         seconds=timings,
         dropped_prototypes=dropped,
     )
+
+
+def _training_data(
+    release: Release,
+    counts: sp.csr_matrix,
+    conditions: NDArray[np.int64],
+    site_labels: list[NDArray[np.object_]],
+    catalogue: list[PrototypeSet],
+) -> tuple[TrainingData, list[list[str]]]:
+    """Cells with prototype targets: labels the release knows point at its prototypes, labels
+    new to it at prototypes learnt from the site's cells (returned as ``new_labels``)."""
+    new_labels = [
+        sorted({str(v) for v in labels} - {UNLABELED} - set(catalogue[i].labels))
+        for i, labels in enumerate(site_labels)
+    ]
+    targets = [
+        label_targets(labels, list(catalogue[i].labels) + new_labels[i])
+        for i, labels in enumerate(site_labels)
+    ]
+    recipe = release.recipe
+    scales = None
+    if recipe.input_transform == "log_normalized_maxabs":
+        n_conditions = int(conditions.max()) + 1
+        scales = maxabs_scales(log_normalize(counts, recipe.target_sum), conditions, n_conditions)
+    data = TrainingData(
+        counts, conditions, targets, scales, conditions if scales is not None else None
+    )
+    return data, new_labels
+
+
+def _fresh_cells(data: TrainingData, n_known: int) -> TrainingData:
+    """The cells of new conditions (all of ``data`` without a copy when that is every cell)."""
+    rows = np.flatnonzero(data.conditions >= n_known)
+    if rows.size == data.n_cells:
+        return data
+    return TrainingData(
+        data.counts[rows],
+        data.conditions[rows],
+        [t[rows] for t in data.targets],
+        data.scales,
+        None if data.scale_index is None else data.scale_index[rows],
+    )
+
+
+def _site_prototypes(
+    levels: list[str],
+    site_labels: list[NDArray[np.object_]],
+    latent: NDArray[np.float32],
+    fresh_rows: NDArray[np.bool_],
+    site_id: str,
+    min_cells: int,
+) -> tuple[list[PrototypeSet], dict[str, dict[str, int]]]:
+    """The site's prototypes per level (from its labelled cells of new conditions)."""
+    sets: list[PrototypeSet] = []
+    dropped: dict[str, dict[str, int]] = {}
+    for i, level in enumerate(levels):
+        if i >= len(site_labels):
+            sets.append(PrototypeSet.empty(latent.shape[1]))
+            continue
+        labels = site_labels[i][fresh_rows]
+        pset, too_small = PrototypeSet.from_latents(latent[fresh_rows], labels, site_id, min_cells)
+        sets.append(pset)
+        if too_small:
+            dropped[level] = too_small
+            log.warning(
+                "labels with fewer than %d cells stay at the site (no prototype): %s",
+                min_cells, ", ".join(f"{k} ({v})" for k, v in too_small.items()),
+            )  # fmt: skip
+    return sets, dropped
+
+
+def _transfer(
+    release: Release,
+    latent: NDArray[np.float32],
+    catalogue: list[PrototypeSet],
+    site_sets: list[PrototypeSet],
+    method: str,
+    threshold: float,
+) -> dict[str, Transfer]:
+    """Labels per level, from the release's catalogue merged with the site's own prototypes
+    (what the composite will hold), or by kNN on the release's reference latents."""
+    transfers: dict[str, Transfer] = {}
+    for i, level in enumerate(release.label_levels):
+        if method == "knn":
+            ref = release.reference_latents()
+            ref_labels = release.reference_labels(level)
+            if ref is None or ref_labels is None:
+                raise ConfigError("kNN transfer needs reference latents, which this release lacks")
+            transfers[level] = knn_transfer(latent, ref[0], ref_labels, threshold=threshold)
+            continue
+        merged = merge_prototype_sets([catalogue[i], *site_sets[i : i + 1]])
+        if len(merged):
+            transfers[level] = prototype_transfer(latent, merged, threshold=threshold)
+    clusters = release.unlabeled_prototypes()
+    if not release.label_levels and clusters is not None:
+        transfers["cluster"] = prototype_transfer(latent, clusters, threshold=threshold)
+    return transfers
 
 
 def _assign_conditions(
@@ -303,16 +351,6 @@ def _assign_conditions(
             a.n_cells,
         )
     return assignments, index[inverse.ravel()]
-
-
-def _subset(data: TrainingData, rows: NDArray[np.int64]) -> TrainingData:
-    return TrainingData(
-        data.counts[rows],
-        data.conditions[rows],
-        [t[rows] for t in data.targets],
-        data.scales,
-        None if data.scale_index is None else data.scale_index[rows],
-    )
 
 
 def _training_summary(

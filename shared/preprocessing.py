@@ -8,6 +8,7 @@ preprocesses exactly like the reference did.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,32 +31,51 @@ def as_count_matrix(matrix: object, source: str) -> sp.csr_matrix:
     sparse inputs are accepted; float values are fine as long as they are whole numbers.
     """
     if sp.issparse(matrix):
-        csr = sp.csr_matrix(matrix, dtype=np.float32)
+        original = sp.csr_matrix(matrix)
     else:
         dense = np.asarray(matrix)
-        if dense.ndim != 2 or not np.issubdtype(dense.dtype, np.number):
-            raise InputDataError(f"{source}: expected a 2-D numeric matrix of counts")
-        csr = sp.csr_matrix(dense.astype(np.float32, copy=False))
-    values = csr.data
-    if values.size:
-        if not np.all(np.isfinite(values)):
-            raise InputDataError(f"{source}: contains NaN or infinite values; raw counts expected")
-        n_negative = int(np.count_nonzero(values < 0))
-        if n_negative:
-            raise InputDataError(
-                f"{source}: {n_negative} negative values (minimum {values.min():g}); raw counts "
-                "are expected (pass --layer NAME if the counts are in a layer)"
-            )
-        fractional = values != np.round(values)
-        if fractional.any():
-            example = float(values[np.argmax(fractional)])
-            raise InputDataError(
-                f"{source}: {int(fractional.sum())} non-integer values (e.g. {example:g}); this "
-                "looks normalised or log-transformed, but raw counts are expected (pass "
-                "--layer NAME if the counts are in a layer)"
-            )
+        if dense.ndim != 2:
+            raise InputDataError(f"{source}: expected a 2-D matrix of counts")
+        original = sp.csr_matrix(dense)
+    if not np.issubdtype(original.dtype, np.number) or np.issubdtype(
+        original.dtype, np.complexfloating
+    ):
+        raise InputDataError(f"{source}: expected numeric counts, found {original.dtype}")
+    _check_count_values(original.data, source)  # before any cast, in the file's own precision
+    csr = original.astype(np.float32, copy=False)
     csr.sort_indices()
     return csr
+
+
+def _check_count_values(values: NDArray[Any], source: str, chunk: int = 1 << 22) -> None:
+    """Refuse non-finite, negative or fractional values (checked in chunks to bound memory)."""
+    n_bad_finite = n_negative = n_fractional = 0
+    minimum, example = 0.0, 0.0
+    for start in range(0, values.size, chunk):
+        part = values[start : start + chunk]
+        n_bad_finite += int(np.count_nonzero(~np.isfinite(part)))
+        negative = part < 0
+        if negative.any():
+            n_negative += int(negative.sum())
+            minimum = min(minimum, float(part.min()))
+        fractional = part != np.round(part)
+        if fractional.any():
+            if not n_fractional:
+                example = float(part[np.argmax(fractional)])
+            n_fractional += int(fractional.sum())
+    if n_bad_finite:
+        raise InputDataError(f"{source}: contains NaN or infinite values; raw counts expected")
+    if n_negative:
+        raise InputDataError(
+            f"{source}: {n_negative} negative values (minimum {minimum:g}); raw counts are "
+            "expected (pass --layer NAME if the counts are in a layer)"
+        )
+    if n_fractional:
+        raise InputDataError(
+            f"{source}: {n_fractional} non-integer values (e.g. {example:g}); this looks "
+            "normalised or log-transformed, but raw counts are expected (pass --layer NAME if "
+            "the counts are in a layer)"
+        )
 
 
 def library_sizes(counts: sp.csr_matrix) -> NDArray[np.float32]:

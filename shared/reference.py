@@ -83,8 +83,8 @@ def build_reference(
     train = preset.reference if epochs is None else preset.reference.scaled_to(epochs)
     if train_overrides:
         train = TrainConfig.from_dict({**train.to_dict(), **train_overrides})
-    if train.mmd_weight > 0 and not model_cfg.decoder_hidden:
-        raise ConfigError("mmd_weight > 0 needs a hidden decoder layer (decoder_hidden)")
+    if train.mmd_weight > 0 and train.mmd_on == "decoder" and not model_cfg.decoder_hidden:
+        raise ConfigError("MMD on the decoder needs a hidden decoder layer (decoder_hidden)")
 
     gene_index = select_highly_variable_genes(cells.counts, cells.batches, recipe)
     genes = [cells.genes[i] for i in gene_index]

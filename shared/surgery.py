@@ -16,7 +16,7 @@ def operate(release: Release, n_new_conditions: int) -> CondVAE:
 
 
 def moved_tensors(release: Release, model: CondVAE) -> list[str]:
-    """Names of release tensors that are no longer bit-identical in ``model``.
+    """Names (sorted) of release tensors that are no longer bit-identical in ``model``.
 
     Trunk tensors are compared whole; condition tables on the release's rows (rows appended for
     new conditions are the site's own).
@@ -32,7 +32,7 @@ def moved_tensors(release: Release, model: CondVAE) -> list[str]:
             now = now[: original.shape[0]]
         if not bit_identical(original, now):
             moved.append(name)
-    return moved
+    return sorted(moved)
 
 
 def assert_frozen(release: Release, model: CondVAE) -> None:

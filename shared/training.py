@@ -2,16 +2,17 @@
 
 One loop serves both jobs. ``mode="reference"`` trains the whole network (train mode: dropout
 and batch statistics on). ``mode="mapping"`` keeps the network in eval mode, so dropout is off and
-no running statistic moves, and only the fresh condition rows reach the optimiser; the frozen
-first-layer projection of every cell is computed once and reused across epochs.
+no running statistic moves, and only the fresh condition rows reach the optimiser; what the frozen
+encoder computes for every cell is cached once and reused across epochs (:class:`EncoderCache`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -52,45 +53,65 @@ class TrainingData:
 
 
 @dataclass
+class EncoderCache:
+    """What a frozen encoder yields for every cell, computed once and reused across epochs.
+
+    When the encoder never sees the condition (DSBN) the whole encoding is cached (``mean``,
+    ``log_var``); otherwise the first layer's projection without its condition term.
+    """
+
+    projected: NDArray[np.float32] | None = None
+    mean: NDArray[np.float32] | None = None
+    log_var: NDArray[np.float32] | None = None
+
+
+@dataclass
 class Batch:
-    """A minibatch as tensors."""
+    """A minibatch as tensors; the encoder input is computed only if something asks for it."""
 
     counts: Tensor
     nonzero: NonZero
     library: Tensor
     condition: Tensor
-    model_input: Tensor
     targets: list[Tensor]
-    projected: Tensor | None
+    recipe: PreprocessingRecipe
+    scale: Tensor | None = None  # MaxAbs scale rows (Bernoulli recipe)
+    projected: Tensor | None = None
+    encoded: tuple[Tensor, Tensor] | None = None
+
+    @cached_property
+    def model_input(self) -> Tensor:
+        """The transformed counts the encoder reads (and Gaussian/Bernoulli likelihoods score)."""
+        return model_input(self.counts, self.library, self.recipe, self.scale)
 
 
 def make_batch(
     data: TrainingData,
     rows: NDArray[np.int64],
     recipe: PreprocessingRecipe,
-    projected: NDArray[np.float32] | None = None,
+    cache: EncoderCache | None = None,
 ) -> Batch:
     """Densify the rows ``rows`` of ``data`` into a :class:`Batch`."""
     block = data.counts[rows].tocoo()
-    counts = torch.from_numpy(block.toarray())
-    nonzero = NonZero(
-        torch.from_numpy(block.row.astype(np.int64)),
-        torch.from_numpy(block.col.astype(np.int64)),
-        torch.from_numpy(block.data),
-    )
-    library = torch.from_numpy(data.library[rows])
-    scale = None
-    if data.scales is not None and data.scale_index is not None:
-        scale = torch.from_numpy(data.scales[data.scale_index[rows]])
-    return Batch(
-        counts=counts,
-        nonzero=nonzero,
-        library=library,
+    batch = Batch(
+        counts=torch.from_numpy(block.toarray()),
+        nonzero=NonZero(
+            torch.from_numpy(block.row.astype(np.int64)),
+            torch.from_numpy(block.col.astype(np.int64)),
+            torch.from_numpy(block.data),
+        ),
+        library=torch.from_numpy(data.library[rows]),
         condition=torch.from_numpy(data.conditions[rows]),
-        model_input=model_input(counts, library, recipe, scale),
         targets=[torch.from_numpy(t[rows]) for t in data.targets],
-        projected=None if projected is None else torch.from_numpy(projected[rows]),
+        recipe=recipe,
     )
+    if data.scales is not None and data.scale_index is not None:
+        batch.scale = torch.from_numpy(data.scales[data.scale_index[rows]])
+    if cache is not None and cache.mean is not None and cache.log_var is not None:
+        batch.encoded = (torch.from_numpy(cache.mean[rows]), torch.from_numpy(cache.log_var[rows]))
+    elif cache is not None and cache.projected is not None:
+        batch.projected = torch.from_numpy(cache.projected[rows])
+    return batch
 
 
 def iter_chunks(
@@ -103,14 +124,20 @@ def iter_chunks(
 
 
 @torch.no_grad()
-def project_inputs(
-    model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe
-) -> NDArray[np.float32]:
-    """First-layer projection (without condition term) of every cell; valid while it is frozen."""
-    out = np.empty((data.n_cells, model.encoder_input.out_features), dtype=np.float32)
+def cache_encoder(model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe) -> EncoderCache:
+    """The :class:`EncoderCache` of every cell; valid while the encoder's trunk is frozen."""
+    model.eval()
+    if model.encoder_condition is None and model.embedding is None:
+        mean = np.empty((data.n_cells, model.config.latent_dim), dtype=np.float32)
+        log_var = np.empty_like(mean)
+        for rows, batch in iter_chunks(data, recipe):
+            m, v = model.encode(batch.model_input, batch.condition)
+            mean[rows], log_var[rows] = m.numpy(), v.numpy()
+        return EncoderCache(mean=mean, log_var=log_var)
+    projected = np.empty((data.n_cells, model.encoder_input.out_features), dtype=np.float32)
     for rows, batch in iter_chunks(data, recipe):
-        out[rows] = model.project_input(batch.model_input).numpy()
-    return out
+        projected[rows] = model.project_input(batch.model_input).numpy()
+    return EncoderCache(projected=projected)
 
 
 @torch.no_grad()
@@ -241,21 +268,25 @@ def compute_loss(
     sample: bool,
 ) -> LossParts:
     """ELBO (+ MMD across conditions, + prototype loss when ``prototypes`` is given)."""
-    if batch.projected is not None:
+    if batch.encoded is not None:
+        mean, log_var = batch.encoded
+    elif batch.projected is not None:
         mean, log_var = model.encode_projected(batch.projected, batch.condition)
     else:
         mean, log_var = model.encode(batch.model_input, batch.condition)
     z = mean + torch.randn_like(mean) * torch.exp(0.5 * log_var) if sample else mean
     out = model.decode(z, batch.condition)
+    transformed = batch.model_input if model.scores_transformed_input else None
     recon = model.reconstruction_nll(
-        out, batch.counts, batch.nonzero, batch.model_input, batch.library, batch.condition
+        out, batch.counts, batch.nonzero, batch.library, batch.condition, transformed
     ).mean()
     kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp()).sum(dim=-1)).mean()
     total = recon + kl_weight * kl
     monitored = recon + train.kl_weight * kl
     parts = {"recon": recon.item(), "kl": kl.item()}
-    if train.mmd_weight > 0 and out.first_hidden is not None:
-        mmd = mmd_across_conditions(out.first_hidden, batch.condition)
+    compared = z if train.mmd_on == "latent" else out.first_hidden
+    if train.mmd_weight > 0 and compared is not None:
+        mmd = mmd_across_conditions(compared, batch.condition)
         total = total + train.mmd_weight * mmd
         monitored = monitored + train.mmd_weight * mmd
         parts["mmd"] = mmd.item()
@@ -290,110 +321,71 @@ def fit(
     prototypes: PrototypeTargets | None = None,
     seed: int = 0,
     progress: Progress | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with recipe ``train``.
 
     The best state (lowest monitored loss: validation when a validation share is set, else
-    training) is restored at the end, as scArches does. Returns a :class:`FitResult`.
+    training) is restored at the end, as scArches does. Early stopping waits until the KL warm-up
+    is over. Returns a :class:`FitResult`.
     """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    train_rows, val_rows = _split(data.n_cells, train.validation_fraction, rng)
-    projected = project_inputs(model, data, recipe) if mode == "mapping" else None
-
     params = model.trainable_parameters()
     optimiser = _optimiser(model, params, train)
-    proto_phase_start = train.effective_pretrain_epochs
+    if optimiser is None or train.epochs == 0:
+        return FitResult(0, 0, time.perf_counter() - started, False, -1, 0, [])
+    train_rows, val_rows = _split(data.n_cells, train.validation_fraction, rng)
+    cache = cache_encoder(model, data, recipe) if mode == "mapping" else None
+    proto_start = train.effective_pretrain_epochs
     use_prototypes = (
         prototypes is not None
         and train.prototype_weight > 0
         and any((t >= 0).any() for t in data.targets)
-        and proto_phase_start < train.epochs
+        and proto_start < train.epochs
     )
     history: list[dict[str, float]] = []
     best = (math.inf, -1)
     snapshot = _snapshot(model, prototypes)
-    stale = 0
-    iterations = 0
+    stale = iterations = 0
     stopped_early = False
-    epoch = 0
     for epoch in range(train.epochs):
-        proto_active = use_prototypes and epoch >= proto_phase_start
-        if proto_active and epoch == proto_phase_start:
-            assert prototypes is not None
-            prototypes.update(latent_means(model, data, recipe), data.targets)
+        active = prototypes if use_prototypes and epoch >= proto_start else None
+        if active is not None and epoch == proto_start:
+            active.update(latent_means(model, data, recipe), data.targets)
             best, stale = (math.inf, -1), 0  # the objective changes
-        if optimiser is None:
-            break
         kl_weight = train.kl_weight
         if train.kl_anneal_epochs > 0:
             kl_weight *= min(1.0, (epoch + 1) / train.kl_anneal_epochs)
         model.train(mode == "reference")
         order = _epoch_order(train_rows, data.conditions, train.balance_conditions, rng)
-        sums: dict[str, float] = {}
-        n_seen = 0
-        for start in range(0, len(order), train.batch_size):
-            rows = order[start : start + train.batch_size]
-            if len(rows) < 2 and mode == "reference":
-                continue  # batch statistics need two cells
-            batch = make_batch(data, rows, recipe, projected)
-            loss = compute_loss(
-                model,
-                batch,
-                train,
-                kl_weight=kl_weight,
-                prototypes=prototypes if proto_active else None,
-                sample=True,
-            )
-            optimiser.zero_grad(set_to_none=True)
-            loss.total.backward()
-            if train.grad_clip:
-                nn.utils.clip_grad_norm_(params, train.grad_clip)
-            optimiser.step()
-            iterations += 1
-            n_seen += len(rows)
-            for k, v in {"loss": loss.monitored, **loss.parts}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(rows)
-            if train.max_iterations and iterations >= train.max_iterations:
-                break
-        record = {k: v / max(n_seen, 1) for k, v in sums.items()}
+        record, steps = _run_epoch(
+            model, data, order, recipe, train, optimiser, params, cache, active, kl_weight,
+            mode, max_steps=(train.max_iterations - iterations) if train.max_iterations else None,
+        )  # fmt: skip
+        iterations += steps
         model.eval()
-        if proto_active:
-            assert prototypes is not None
-            prototypes.update(latent_means(model, data, recipe), data.targets)
+        if active is not None:
+            active.update(latent_means(model, data, recipe), data.targets)
         if val_rows.size:
-            record["val_loss"] = _evaluate(
-                model,
-                data,
-                val_rows,
-                recipe,
-                train,
-                projected,
-                prototypes if proto_active else None,
-            )
+            record["val_loss"] = _evaluate(model, data, val_rows, recipe, train, cache, active)
         history.append(record)
         monitored = record.get("val_loss", record.get("loss", math.inf))
-        improved = not math.isfinite(best[0]) or monitored < best[0] - 1e-6 * abs(best[0])
-        if improved:
+        if not math.isfinite(best[0]) or monitored < best[0] - 1e-6 * abs(best[0]):
             best, stale = (monitored, epoch), 0
             snapshot = _snapshot(model, prototypes)
         else:
             stale += 1
         if progress is not None:
             progress.advance(1, **record)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
         if train.max_iterations and iterations >= train.max_iterations:
             break
-        annealing = epoch + 1 < train.kl_anneal_epochs
         patience = train.early_stopping_patience
-        if patience is not None and stale >= patience and not annealing:
+        warming_up = epoch + 1 < train.kl_anneal_epochs
+        if patience is not None and stale >= patience and not warming_up:
             stopped_early = True
             break
-    if history:
-        _restore(model, prototypes, snapshot)
+    _restore(model, prototypes, snapshot)
     model.eval()
     return FitResult(
         epochs=len(history),
@@ -401,9 +393,48 @@ def fit(
         seconds=time.perf_counter() - started,
         stopped_early=stopped_early,
         best_epoch=best[1],
-        trained_parameters=sum(p.numel() for p in params) if history else 0,
+        trained_parameters=sum(p.numel() for p in params),
         history=history,
     )
+
+
+def _run_epoch(
+    model: CondVAE,
+    data: TrainingData,
+    order: NDArray[np.int64],
+    recipe: PreprocessingRecipe,
+    train: TrainConfig,
+    optimiser: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    cache: EncoderCache | None,
+    prototypes: PrototypeTargets | None,
+    kl_weight: float,
+    mode: Mode,
+    max_steps: int | None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``order`` in minibatches; returns the mean loss parts and the step count."""
+    sums: dict[str, float] = {}
+    n_seen = steps = 0
+    for start in range(0, len(order), train.batch_size):
+        if max_steps is not None and steps >= max_steps:
+            break
+        rows = order[start : start + train.batch_size]
+        if len(rows) < 2 and mode == "reference":
+            continue  # batch statistics need two cells
+        batch = make_batch(data, rows, recipe, cache)
+        loss = compute_loss(
+            model, batch, train, kl_weight=kl_weight, prototypes=prototypes, sample=True
+        )
+        optimiser.zero_grad(set_to_none=True)
+        loss.total.backward()
+        if train.grad_clip:
+            nn.utils.clip_grad_norm_(params, train.grad_clip)
+        optimiser.step()
+        steps += 1
+        n_seen += len(rows)
+        for key, value in {"loss": loss.monitored, **loss.parts}.items():
+            sums[key] = sums.get(key, 0.0) + value * len(rows)
+    return {k: v / max(n_seen, 1) for k, v in sums.items()}, steps
 
 
 def _split(
@@ -423,13 +454,13 @@ def _evaluate(
     rows: NDArray[np.int64],
     recipe: PreprocessingRecipe,
     train: TrainConfig,
-    projected: NDArray[np.float32] | None,
+    cache: EncoderCache | None,
     prototypes: PrototypeTargets | None,
 ) -> float:
     total = 0.0
     for start in range(0, len(rows), CHUNK_CELLS):
         part = rows[start : start + CHUNK_CELLS]
-        batch = make_batch(data, part, recipe, projected)
+        batch = make_batch(data, part, recipe, cache)
         loss = compute_loss(
             model, batch, train, kl_weight=train.kl_weight, prototypes=prototypes, sample=False
         )

@@ -6,8 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+from anndata import AnnData
 
 from fedatlas.shared.cellbench import default_cellbench_dir, find_cellbench_dir
+from fedatlas.shared.dataset import CellTable, extract_cells
+from fedatlas.shared.reference import BuildResult, build_reference
+from fedatlas.shared.synthetic import SyntheticWorld
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +27,50 @@ def cellbench_dir() -> Path:
             pytest.fail(f"{msg} (CI=true: the CellBench tests must run in CI)", pytrace=False)
         pytest.skip(msg)
     return path
+
+
+# --------------------------------------------------------------------------- small synthetic data
+# A small synthetic world (400 genes, four cell types): the reference holds three batches and
+# three types; the query adds type "D", which the reference never saw.
+TINY_PRESET_EPOCHS = {"scpoli": 12, "scarches": 12, "scalex": 8}
+
+
+@pytest.fixture(scope="session")
+def world() -> SyntheticWorld:
+    """The synthetic world shared by the fast tests."""
+    return SyntheticWorld(seed=7, n_genes=400, cell_types=("A", "B", "C", "D"))
+
+
+@pytest.fixture(scope="session")
+def reference_adata(world: SyntheticWorld) -> AnnData:
+    """360 reference cells in three batches, types A-C."""
+    return world.sample(360, batches=("r1", "r2", "r3"), cell_types=("A", "B", "C"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def query_adata(world: SyntheticWorld) -> AnnData:
+    """160 query cells in two batches, types A-D (D is unseen by the reference)."""
+    return world.sample(160, batches=("q1", "q2"), seed=2)
+
+
+def cells_of(adata: AnnData, label_key: str | None = "cell_type") -> CellTable:
+    """The cells of a synthetic AnnData, labelled or not."""
+    return extract_cells(
+        adata, source="test", batch_key="batch", label_keys=[label_key] if label_key else []
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(reference_adata: AnnData) -> dict[str, BuildResult]:
+    """One small reference per preset (few epochs, 200 genes), built once per session."""
+    return {
+        preset: build_reference(
+            cells_of(reference_adata),
+            preset=preset,
+            epochs=epochs,
+            n_top_genes=200,
+            seed=0,
+            progress=False,
+        )
+        for preset, epochs in TINY_PRESET_EPOCHS.items()
+    }

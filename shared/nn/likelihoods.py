@@ -1,7 +1,7 @@
 """Reconstruction likelihoods: negative log-likelihood per cell, summed over genes.
 
-Count likelihoods take the log mean (``log_mu``) and leave out log(x!), which no parameter
-affects. The negative binomial's Gamma-function terms vanish where a count is zero, so they are
+Count likelihoods take the log mean (``log_mu``). Their Gamma-function terms (log(x!) and the
+negative binomial's lgamma(x + theta) - lgamma(theta)) vanish where a count is zero, so they are
 evaluated on the minibatch's non-zero entries only (:class:`NonZero`, known from the sparse
 input): their cost follows the data's sparsity.
 """
@@ -42,10 +42,16 @@ class NonZero:
         return torch.zeros(n_rows, dtype=values.dtype).index_add(0, self.rows, values)
 
 
+def _log_factorial(nz: NonZero, n_cells: int) -> Tensor:
+    """Per cell, the sum of log(x!) (zero wherever x = 0; no parameter affects it)."""
+    return nz.row_sum(torch.lgamma(nz.values + 1.0), n_cells)
+
+
 def _log_gamma_ratio(nz: NonZero, n_cells: int, theta: Tensor) -> Tensor:
-    """Per cell, the sum of lgamma(x + theta) - lgamma(theta) (zero wherever x = 0)."""
+    """Per cell, the sum of lgamma(x + theta) - lgamma(theta) - log(x!) (zero where x = 0)."""
     t = nz.gather(theta)
-    return nz.row_sum(torch.lgamma(nz.values + t) - torch.lgamma(t), n_cells)
+    x = nz.values
+    return nz.row_sum(torch.lgamma(x + t) - torch.lgamma(t) - torch.lgamma(x + 1.0), n_cells)
 
 
 def negative_binomial_nll(x: Tensor, nz: NonZero, log_mu: Tensor, theta: Tensor) -> Tensor:
@@ -69,9 +75,9 @@ def zero_inflated_nb_nll(
     return -(log_lik.sum(dim=-1) + _log_gamma_ratio(nz, x.shape[0], theta))
 
 
-def poisson_nll(x: Tensor, log_mu: Tensor) -> Tensor:
+def poisson_nll(x: Tensor, nz: NonZero, log_mu: Tensor) -> Tensor:
     """Poisson negative log-likelihood of counts ``x`` with rate exp(``log_mu``)."""
-    return (log_mu.exp() - x * log_mu).sum(dim=-1)
+    return (log_mu.exp() - x * log_mu).sum(dim=-1) + _log_factorial(nz, x.shape[0])
 
 
 def gaussian_nll(target: Tensor, mean: Tensor) -> Tensor:

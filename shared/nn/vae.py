@@ -164,35 +164,42 @@ class CondVAE(nn.Module):
         assert self.log_theta_condition is not None
         return torch.exp(self.log_theta_condition(condition))
 
+    @property
+    def scores_transformed_input(self) -> bool:
+        """True when the likelihood scores the transformed input rather than raw counts."""
+        return self.config.likelihood not in COUNT_LIKELIHOODS
+
     def reconstruction_nll(
         self,
         out: DecoderOutput,
         counts: Tensor,
         nonzero: NonZero,
-        model_input: Tensor,
         library: Tensor,
         condition: Tensor,
+        transformed: Tensor | None = None,
     ) -> Tensor:
         """Per-cell negative log-likelihood of the data under the decoder's output.
 
         Count likelihoods score raw ``counts`` (dense, with their ``nonzero`` entries) with mean
-        softmax(logits) x observed library size; Gaussian and Bernoulli score the transformed
-        ``model_input``.
+        softmax(logits) x observed library size; Gaussian and Bernoulli score the
+        ``transformed`` input (required for them, see :attr:`scores_transformed_input`).
         """
         lik = self.config.likelihood
         if lik in COUNT_LIKELIHOODS:
             log_library = torch.log(library.clamp(min=1.0)).unsqueeze(-1)
             log_mu = torch.log_softmax(out.logits, dim=-1) + log_library
             if lik == "poisson":
-                return likelihoods.poisson_nll(counts, log_mu)
+                return likelihoods.poisson_nll(counts, nonzero, log_mu)
             theta = self.theta(condition)
             if lik == "nb":
                 return likelihoods.negative_binomial_nll(counts, nonzero, log_mu, theta)
             assert out.zi_logits is not None
             return likelihoods.zero_inflated_nb_nll(counts, nonzero, log_mu, theta, out.zi_logits)
+        if transformed is None:
+            raise ValueError(f"the {lik} likelihood scores the transformed input; pass it")
         if lik == "gaussian":
-            return likelihoods.gaussian_nll(model_input, out.logits)
-        return likelihoods.bernoulli_nll(model_input, out.logits)
+            return likelihoods.gaussian_nll(transformed, out.logits)
+        return likelihoods.bernoulli_nll(transformed, out.logits)
 
     # ---------------------------------------------------------------------- tensors and surgery
     def export_tensors(self) -> dict[str, Tensor]:

@@ -1,0 +1,152 @@
+"""Adaptors as first-class objects: extraction, files, and order-independent composition."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData
+from conftest import cells_of
+
+from fedatlas.shared.adaptor import Adaptor, compose
+from fedatlas.shared.errors import AdaptorError
+from fedatlas.shared.mapping import MappingResult, map_cells
+from fedatlas.shared.reference import BuildResult
+from fedatlas.shared.release import Release
+from fedatlas.shared.synthetic import SyntheticWorld
+
+SITES = ("s1", "s2", "s3")
+
+
+@pytest.fixture(scope="module")
+def site_data(world: SyntheticWorld) -> dict[str, AnnData]:
+    """Three sites with one batch each; every site has labelled cells of all four types."""
+    return {s: world.sample(80, batches=(f"batch_{s}",), seed=10 + i) for i, s in enumerate(SITES)}
+
+
+@pytest.fixture(scope="module")
+def mapped(
+    tiny_builds: dict[str, BuildResult], site_data: dict[str, AnnData]
+) -> dict[str, MappingResult]:
+    release = tiny_builds["scpoli"].release
+    return {
+        s: map_cells(
+            release, cells_of(a), site_id=s, epochs=4, min_prototype_cells=5, progress=False
+        )
+        for s, a in site_data.items()
+    }
+
+
+def _adaptors(mapped: dict[str, MappingResult]) -> list[Adaptor]:
+    out = [m.adaptor for m in mapped.values()]
+    assert all(a is not None for a in out)
+    return out  # type: ignore[return-value]
+
+
+def test_composite_hash_is_the_same_for_every_order(
+    tiny_builds: dict[str, BuildResult], mapped: dict[str, MappingResult]
+) -> None:
+    release = tiny_builds["scpoli"].release
+    adaptors = _adaptors(mapped)
+    hashes = {compose(release, list(p)).content_hash for p in itertools.permutations(adaptors)}
+    assert len(hashes) == 1
+    composite = compose(release, adaptors)
+    assert composite.content_hash != release.content_hash
+    assert composite.trunk_id == release.trunk_id
+    assert composite.condition_names[-3:] == sorted(f"{s}/batch_{s}" for s in SITES)
+
+
+def test_composite_embeds_each_site_as_its_own_mapping_did(
+    tiny_builds: dict[str, BuildResult],
+    mapped: dict[str, MappingResult],
+    site_data: dict[str, AnnData],
+) -> None:
+    composite = compose(tiny_builds["scpoli"].release, _adaptors(mapped))
+    for site, adata in site_data.items():
+        again = map_cells(composite, cells_of(adata, None), site_id=site, progress=False)
+        assert all(a.known for a in again.assignments)
+        assert again.trained_parameters == 0
+        np.testing.assert_allclose(again.latent, mapped[site].latent, rtol=0, atol=1e-5)
+
+
+def test_catalogue_merges_prototypes_by_cell_count(
+    tiny_builds: dict[str, BuildResult], mapped: dict[str, MappingResult]
+) -> None:
+    release = tiny_builds["scpoli"].release
+    composite = compose(release, _adaptors(mapped))
+    merged = composite.prototypes("cell_type")
+    assert "D" in merged.labels
+    assert "D" not in release.prototypes("cell_type").labels
+    i = merged.labels.index("D")
+    site_sets = [m.adaptor.prototypes(0) for m in mapped.values() if m.adaptor]
+    counts = [s.counts[s.labels.index("D")] for s in site_sets]
+    means = [s.means[s.labels.index("D")].astype(np.float64) for s in site_sets]
+    assert merged.counts[i] == sum(counts)
+    expected = sum(c * m for c, m in zip(counts, means, strict=True)) / sum(counts)
+    np.testing.assert_allclose(merged.means[i], expected, rtol=1e-6)
+    assert set(merged.sources[i]) == set(SITES)
+
+
+def test_adaptor_file_round_trip_and_tampering(
+    mapped: dict[str, MappingResult], tmp_path: Path
+) -> None:
+    adaptor = _adaptors(mapped)[0]
+    path = adaptor.save(tmp_path / "s1.adaptor")
+    loaded = Adaptor.load(path)
+    assert loaded.content_hash == adaptor.content_hash
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in adaptor.tensors.items())
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # flip one bit of the last tensor value
+    (tmp_path / "bad.adaptor").write_bytes(bytes(raw))
+    with pytest.raises(AdaptorError, match="does not match its recorded hash"):
+        Adaptor.load(tmp_path / "bad.adaptor")
+    (tmp_path / "junk.adaptor").write_bytes(b"\x80\x04K\x01.")  # a pickle, never unpickled
+    with pytest.raises(AdaptorError, match="not a fedatlas adaptor"):
+        Adaptor.load(tmp_path / "junk.adaptor")
+
+
+def test_adaptor_size_does_not_grow_with_cells(
+    tiny_builds: dict[str, BuildResult], world: SyntheticWorld
+) -> None:
+    release = tiny_builds["scpoli"].release
+    sizes = []
+    for n in (100, 2000):
+        cells = cells_of(world.sample(n, batches=("grow",), seed=3))
+        result = map_cells(release, cells, site_id="g", epochs=1, progress=False)
+        assert result.adaptor is not None
+        sizes.append(len(result.adaptor.to_bytes()))
+    # only the digits of counts (cells per condition and prototype) may differ
+    assert abs(sizes[1] - sizes[0]) <= 16, sizes
+
+
+def test_conflicts_and_foreign_adaptors_are_refused(
+    tiny_builds: dict[str, BuildResult],
+    mapped: dict[str, MappingResult],
+    site_data: dict[str, AnnData],
+) -> None:
+    release = tiny_builds["scpoli"].release
+    first = _adaptors(mapped)[0]
+    twin = map_cells(release, cells_of(site_data["s1"]), site_id="s1", epochs=1, progress=False)
+    assert twin.adaptor is not None
+    with pytest.raises(AdaptorError, match="already belongs to adaptor"):
+        compose(release, [first, twin.adaptor])
+    composite = compose(release, [first])
+    with pytest.raises(AdaptorError, match="already belongs to the release"):
+        compose(composite, [first])
+    other = tiny_builds["scarches"].release
+    with pytest.raises(AdaptorError, match="another reference network"):
+        compose(other, [first])
+
+
+def test_composite_survives_save_and_load(
+    tiny_builds: dict[str, BuildResult], mapped: dict[str, MappingResult], tmp_path: Path
+) -> None:
+    composite = compose(tiny_builds["scpoli"].release, _adaptors(mapped))
+    loaded = Release.load(composite.save(tmp_path / "composite"))
+    assert loaded.content_hash == composite.content_hash
+    assert loaded.content["lineage"]["adaptors"] == sorted(
+        a.content_hash for a in _adaptors(mapped)
+    )

@@ -1,0 +1,147 @@
+"""Inputs that trip up reference-mapping tools, each handled deliberately."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+from conftest import cells_of
+
+from fedatlas.shared.dataset import extract_cells
+from fedatlas.shared.errors import InputDataError
+from fedatlas.shared.h5ad import read_h5ad
+from fedatlas.shared.mapping import map_cells
+from fedatlas.shared.reference import BuildResult, build_reference
+from fedatlas.shared.surgery import moved_tensors
+from fedatlas.shared.synthetic import SyntheticWorld
+
+
+@pytest.mark.parametrize("preset", ["scpoli", "scalex"])
+def test_a_batch_with_a_single_cell(
+    preset: str, world: SyntheticWorld, tiny_builds: dict[str, BuildResult]
+) -> None:
+    adata = world.sample(121, batches=("big", "alone"), seed=21)
+    adata.obs["batch"] = ["big"] * 120 + ["alone"]
+    built = build_reference(
+        cells_of(adata), preset=preset, epochs=2, n_top_genes=100, progress=False
+    )
+    assert "reference/alone" in built.release.condition_names
+    assert np.isfinite(built.latent).all()
+    release = tiny_builds[preset].release
+    query = world.sample(41, batches=("main", "single"), seed=22)
+    query.obs["batch"] = ["main"] * 40 + ["single"]
+    result = map_cells(release, cells_of(query, None), epochs=2, progress=False)
+    assert np.isfinite(result.latent).all()
+    assert result.adaptor is not None
+    assert result.adaptor.condition_names == ["query/main", "query/single"]
+    assert moved_tensors(release, result.model) == []
+
+
+def test_missing_batch_values_are_refused(query_adata: AnnData) -> None:
+    adata = query_adata.copy()
+    adata.obs["batch"] = adata.obs["batch"].astype(object)
+    adata.obs.iloc[[3, 7], adata.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(InputDataError, match=r"no batch for 2 of 160 cells \(e.g. q1:000003"):
+        extract_cells(adata, source="site.h5ad", batch_key="batch")
+
+
+def test_gene_symbols_with_ids_in_a_var_column(
+    tiny_builds: dict[str, BuildResult], query_adata: AnnData
+) -> None:
+    release = tiny_builds["scpoli"].release
+    adata = query_adata.copy()
+    adata.var["gene_ids"] = adata.var_names.to_numpy()
+    adata.var_names = [f"SYMBOL{i}" for i in range(adata.n_vars)]
+    with pytest.raises(InputDataError, match="pass it with --gene-key"):
+        map_cells(release, cells_of(adata, None), epochs=1, progress=False)
+    by_id = extract_cells(adata, source="site", batch_key="batch", gene_key="gene_ids")
+    result = map_cells(release, by_id, epochs=1, progress=False)
+    plain = map_cells(release, cells_of(query_adata, None), epochs=1, progress=False)
+    np.testing.assert_array_equal(result.latent, plain.latent)
+    with pytest.raises(InputDataError, match="no var column 'ensembl'"):
+        extract_cells(adata, source="site", batch_key="batch", gene_key="ensembl")
+
+
+def test_a_query_sharing_no_gene(tiny_builds: dict[str, BuildResult], query_adata: AnnData) -> None:
+    adata = query_adata.copy()
+    adata.var_names = [f"other_{i}" for i in range(adata.n_vars)]
+    with pytest.raises(InputDataError, match="only 0 of the release's 200 genes"):
+        map_cells(tiny_builds["scpoli"].release, cells_of(adata, None), progress=False)
+
+
+def test_partially_labelled_data(
+    world: SyntheticWorld, tiny_builds: dict[str, BuildResult]
+) -> None:
+    reference = world.sample(240, batches=("r1", "r2"), cell_types=("A", "B", "C"), seed=31)
+    labels = reference.obs["cell_type"].astype(object).to_numpy()
+    labels[::3] = np.nan  # a third of the cells are unlabelled
+    reference.obs["cell_type"] = labels
+    built = build_reference(
+        cells_of(reference), preset="scpoli", epochs=4, n_top_genes=150, progress=False
+    )
+    catalogue = built.release.prototypes("cell_type")
+    assert catalogue.labels == ("A", "B", "C")
+    assert catalogue.counts.sum() == np.sum(~reference.obs["cell_type"].isna())
+    clusters = built.release.unlabeled_prototypes()
+    assert clusters is not None
+    assert clusters.counts.sum() == 80
+    query = world.sample(90, batches=("q",), seed=32)
+    qlabels = query.obs["cell_type"].astype(object).to_numpy()
+    qlabels[1::2] = None
+    query.obs["cell_type"] = qlabels
+    result = map_cells(
+        tiny_builds["scpoli"].release,
+        cells_of(query),
+        epochs=2,
+        min_prototype_cells=5,
+        progress=False,
+    )
+    assert result.adaptor is not None
+    site = result.adaptor.prototypes(0)
+    assert site.counts.sum() == np.sum(~query.obs["cell_type"].isna()) - sum(
+        result.dropped_prototypes.get("cell_type", {}).values()
+    )
+
+
+def test_a_query_batch_named_like_a_reference_batch(
+    tiny_builds: dict[str, BuildResult], reference_adata: AnnData
+) -> None:
+    release = tiny_builds["scarches"].release
+    lookalike = reference_adata[reference_adata.obs["batch"] == "r1"].copy()
+    as_new = map_cells(release, cells_of(lookalike, None), epochs=1, progress=False)
+    assert [a.condition for a in as_new.assignments] == ["query/r1"]
+    assert not as_new.assignments[0].known
+    assert as_new.trained_parameters > 0
+    assert moved_tensors(release, as_new.model) == []  # reference/r1's rows are untouched
+    as_same = map_cells(release, cells_of(lookalike, None), site_id="reference", progress=False)
+    assert as_same.assignments[0].known
+    assert as_same.trained_parameters == 0
+
+
+def test_sparse_dense_and_float_counts_give_the_same_mapping(
+    tiny_builds: dict[str, BuildResult], query_adata: AnnData
+) -> None:
+    release = tiny_builds["scpoli"].release
+    variants = []
+    for matrix in (
+        query_adata.X,
+        query_adata.X.toarray(),
+        sp.csc_matrix(query_adata.X).astype(np.float64),
+        query_adata.X.astype(np.int64),
+    ):
+        adata = query_adata.copy()
+        adata.X = matrix
+        variants.append(map_cells(release, cells_of(adata, None), epochs=2, progress=False).latent)
+    for latent in variants[1:]:
+        np.testing.assert_array_equal(latent, variants[0])
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    (tmp_path / "notes.h5ad").write_text("these are not counts")
+    with pytest.raises(InputDataError, match="not an HDF5 file"):
+        read_h5ad(tmp_path / "notes.h5ad")
+    with pytest.raises(InputDataError, match="no such file"):
+        read_h5ad(tmp_path / "absent.h5ad")

@@ -1,0 +1,89 @@
+"""Prototype and kNN label transfer, uncertainty in [0, 1], unknown calls; prototype merging."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.label_transfer import UNKNOWN, knn_transfer, prototype_transfer
+from fedatlas.shared.prototypes import PrototypeSet, merge_prototype_sets
+
+
+def _clusters(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = {"T": np.zeros(5), "B": np.full(5, 6.0), "NK": np.r_[6.0, -6.0, 0, 0, 0]}
+    latent = np.vstack([c + rng.normal(0, 1, (200, 5)) for c in centres.values()])
+    labels = np.repeat(list(centres), 200).astype(object)
+    return latent.astype(np.float32), labels
+
+
+def test_prototype_transfer_labels_and_flags_the_unseen() -> None:
+    latent, labels = _clusters()
+    prototypes, _ = PrototypeSet.from_latents(latent, labels, "ref")
+    query, truth = _clusters(seed=1)
+    stranger = np.full((50, 5), -8.0, np.float32) + np.random.default_rng(2).normal(0, 1, (50, 5))
+    result = prototype_transfer(np.vstack([query, stranger]), prototypes, threshold=0.5)
+    seen = slice(0, len(query))
+    assert np.mean(result.labels[seen] == truth) > 0.99
+    assert np.all((result.uncertainty >= 0) & (result.uncertainty <= 1))
+    # at most ~1 % of a type's own cells lie beyond its radius, where uncertainty passes 0.5
+    assert np.mean(result.unknown[seen]) < 0.03
+    assert np.all(result.unknown[len(query) :])
+    assert set(result.called[len(query) :]) == {UNKNOWN}
+    # uncertainty is 0 at a prototype and grows with distance from it
+    at_centre = prototype_transfer(prototypes.means, prototypes, threshold=0.5)
+    assert np.all(at_centre.uncertainty < 1e-3)
+    path = np.linspace(0, 1, 20)[:, None] * np.array([[-12.0, 0, 0, 0, 0]], np.float32)
+    along = prototype_transfer(path.astype(np.float32), prototypes, threshold=0.5).uncertainty
+    assert np.all(np.diff(along) >= 0)
+
+
+def test_knn_transfer_follows_scarches() -> None:
+    latent, labels = _clusters()
+    query, truth = _clusters(seed=1)
+    result = knn_transfer(query, latent, labels, threshold=0.5, k=15)
+    assert np.mean(result.labels == truth) > 0.99
+    # a cell halfway between two types has neighbours of both: uncertain
+    middle = knn_transfer(np.full((1, 5), 3.0, np.float32), latent, labels, k=30)
+    assert middle.uncertainty[0] > 0.2
+    unlabelled = labels.copy()
+    unlabelled[:] = ""
+    with pytest.raises(ConfigError, match="no labelled reference cells"):
+        knn_transfer(query, latent, unlabelled)
+
+
+def test_threshold_must_be_a_probability() -> None:
+    latent, labels = _clusters()
+    prototypes, _ = PrototypeSet.from_latents(latent, labels, "ref")
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        prototype_transfer(latent, prototypes, threshold=1.5)
+
+
+def test_small_labels_stay_at_the_site() -> None:
+    latent, labels = _clusters()
+    labels[:5] = "rare"
+    labels[5:200] = ""  # partially labelled
+    prototypes, dropped = PrototypeSet.from_latents(latent, labels, "site", min_cells=10)
+    assert dropped == {"rare": 5}
+    assert prototypes.labels == ("B", "NK")
+
+
+def test_merging_equals_pooling_the_cells_and_ignores_order() -> None:
+    latent, labels = _clusters()
+    parts = [slice(0, 150), slice(150, 430), slice(430, 600)]
+    sets = [
+        PrototypeSet.from_latents(latent[p], labels[p], f"site{i}")[0] for i, p in enumerate(parts)
+    ]
+    pooled, _ = PrototypeSet.from_latents(latent, labels, "all")
+    merged = {merge_prototype_sets(list(p)).digest() for p in itertools.permutations(sets)}
+    assert len(merged) == 1
+    result = merge_prototype_sets(sets)
+    assert result.labels == pooled.labels
+    np.testing.assert_array_equal(result.counts, pooled.counts)
+    np.testing.assert_allclose(result.means, pooled.means, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.variances, pooled.variances, rtol=1e-4)
+    assert result.sources[result.labels.index("NK")] == ("site1", "site2")
+    assert result.sources[result.labels.index("B")] == ("site1",)

@@ -1,0 +1,95 @@
+"""Release directories: pickle-free, content-hashed, verified on load."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from anndata import AnnData
+
+from fedatlas.shared.errors import ReleaseError
+from fedatlas.shared.reference import BuildResult
+from fedatlas.shared.release import MANIFEST_FILE, WEIGHTS_FILE, Release
+
+
+@pytest.fixture
+def saved(tiny_builds: dict[str, BuildResult], tmp_path: Path) -> tuple[Release, Path]:
+    release = tiny_builds["scpoli"].release
+    return release, release.save(tmp_path / "release")
+
+
+def test_round_trip(saved: tuple[Release, Path]) -> None:
+    release, path = saved
+    loaded = Release.load(path)
+    assert loaded.content_hash == release.content_hash
+    assert loaded.genes == release.genes
+    assert len(loaded.genes) == 200
+    assert loaded.condition_names == ["reference/r1", "reference/r2", "reference/r3"]
+    assert loaded.label_levels == ["cell_type"]
+    assert loaded.prototypes("cell_type").labels == ("A", "B", "C")
+    assert loaded.content["preprocessing"]["n_top_genes"] == 200
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert manifest["content_hash"] == release.content_hash
+    assert set(manifest["content"]["tensors"]) == set(release.tensors)
+    assert all(len(e["sha256"]) == 71 for e in manifest["content"]["tensors"].values())
+    model = loaded.build_model()
+    assert not model.training
+    assert model.trainable_parameters() == []
+
+
+def test_a_changed_weight_is_detected(saved: tuple[Release, Path]) -> None:
+    release, path = saved
+    tensors = dict(release.tensors)
+    tensors["model.output.bias"] = tensors["model.output.bias"].clone()
+    tensors["model.output.bias"][3] += 0.5
+    import safetensors.torch
+
+    safetensors.torch.save_file(tensors, str(path / WEIGHTS_FILE))
+    with pytest.raises(ReleaseError, match=r"tensor 'model.output.bias' does not match"):
+        Release.load(path)
+
+
+def test_a_changed_manifest_is_detected(saved: tuple[Release, Path]) -> None:
+    _, path = saved
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["content"]["genes"][0] = "SOMETHING_ELSE"
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError, match="content hash mismatch"):
+        Release.load(path)
+
+
+def test_pickled_weights_are_never_loaded(saved: tuple[Release, Path]) -> None:
+    _, path = saved
+    (path / WEIGHTS_FILE).write_bytes(pickle.dumps({"model.output.bias": torch.zeros(3)}))
+    with pytest.raises(ReleaseError, match="cannot be read"):
+        Release.load(path)
+
+
+def test_missing_or_existing_directories(saved: tuple[Release, Path], tmp_path: Path) -> None:
+    release, path = saved
+    with pytest.raises(ReleaseError, match=r"manifest\.json is missing"):
+        Release.load(tmp_path / "nowhere")
+    with pytest.raises(ReleaseError, match="already exists"):
+        release.save(path)
+    assert Release.load(release.save(path, overwrite=True)).content_hash == release.content_hash
+
+
+def test_same_seed_same_release(
+    tiny_builds: dict[str, BuildResult], reference_adata: AnnData
+) -> None:
+    from conftest import cells_of
+
+    from fedatlas.shared.reference import build_reference
+
+    again = build_reference(
+        cells_of(reference_adata),
+        preset="scpoli",
+        epochs=12,
+        n_top_genes=200,
+        seed=0,
+        progress=False,
+    )
+    assert again.release.content_hash == tiny_builds["scpoli"].release.content_hash
