@@ -19,7 +19,8 @@ ConditionMechanism = Literal["onehot", "embedding", "dsbn"]
 Likelihood = Literal["nb", "zinb", "gaussian", "bernoulli", "poisson"]
 Norm = Literal["layer", "batch", "none"]
 Dispersion = Literal["gene", "gene-condition"]
-InputTransform = Literal["log_normalized", "log_normalized_maxabs"]
+InputTransform = Literal["log_normalized", "log_counts", "log_normalized_maxabs"]
+EncoderInput = Literal["log_normalized", "log_counts"]
 TransferMethod = Literal["prototype", "knn"]
 MmdOn = Literal["decoder", "latent"]
 
@@ -74,6 +75,9 @@ class ModelConfig:
         dropout: dropout rate after each hidden layer (training only; never during mapping).
         dispersion: NB/ZINB inverse dispersion per gene, or per gene and condition (then each
             condition's dispersion row belongs to its adaptor).
+        encoder_input: what the encoder reads for count likelihoods: log1p of counts scaled to
+            the recipe's library size, or log1p of the raw counts (scArches' trVAE); Bernoulli
+            always reads per-batch MaxAbs-scaled log-normalised values.
     """
 
     n_genes: int
@@ -87,12 +91,14 @@ class ModelConfig:
     norm: Norm = "layer"
     dropout: float = 0.05
     dispersion: Dispersion = "gene"
+    encoder_input: EncoderInput = "log_normalized"
 
     def __post_init__(self) -> None:
         _check_literal(self, "condition", ConditionMechanism)
         _check_literal(self, "likelihood", Likelihood)
         _check_literal(self, "norm", Norm)
         _check_literal(self, "dispersion", Dispersion)
+        _check_literal(self, "encoder_input", EncoderInput)
         if self.n_genes < 1 or self.latent_dim < 1 or self.embedding_dim < 1:
             raise ConfigError("n_genes, latent_dim and embedding_dim must be positive integers")
         if not self.encoder_hidden:
@@ -104,8 +110,8 @@ class ModelConfig:
 
     @property
     def input_transform(self) -> InputTransform:
-        """What the encoder sees: log-normalised counts, MaxAbs-scaled per batch for Bernoulli."""
-        return "log_normalized_maxabs" if self.likelihood == "bernoulli" else "log_normalized"
+        """What the encoder sees (see ``encoder_input``)."""
+        return "log_normalized_maxabs" if self.likelihood == "bernoulli" else self.encoder_input
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (tuples become lists)."""

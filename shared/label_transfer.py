@@ -53,19 +53,30 @@ def prototype_transfer(
 ) -> Transfer:
     """Nearest-prototype labels with a per-type calibrated uncertainty.
 
-    A cell takes the label of the prototype it is closest to in that prototype's own spread
-    (standardised squared distance d^2, a diagonal Mahalanobis distance). Its uncertainty is
-    u = 1 / (1 + (r / d^2)^2), where r is the radius within which about 99 % of that type's own
-    cells lie: u is near 0 at the prototype, 0.5 at the edge of the type and tends to 1 beyond.
+    Distances are standardised squared distances d^2_k to each prototype in that prototype's own
+    spread (diagonal Mahalanobis); a cell takes the label of the closest. Two things make it
+    uncertain, and u = 1 - p(k) (1 - novelty) combines them:
+
+    * ambiguity: p(k) is the cell's Student-t soft assignment to its type, proportional to
+      (1 + d^2_k / D)^(-(D + 1) / 2) over all prototypes (D = latent dimension), which is low
+      for a cell between two types;
+    * novelty: 1 / (1 + (r_k / d^2_k)^2), where r_k is the radius holding about 99 % of that
+      type's own cells: near 0 inside the type, 0.5 at its edge, towards 1 beyond.
     """
     _check_threshold(threshold)
     if len(prototypes) == 0:
         raise ConfigError("the release has no prototypes to transfer labels from")
     d2 = standardized_sq_distances(latent, prototypes.means, prototypes.variances)
+    dim = latent.shape[1]
+    rows = np.arange(d2.shape[0])
     best = d2.argmin(axis=1)
-    nearest = d2[np.arange(d2.shape[0]), best]
-    ratio = prototypes.radii[best] / np.maximum(nearest, 1e-12)
-    uncertainty = (1.0 / (1.0 + ratio**2)).astype(np.float32)
+    nearest = d2[rows, best]
+    log_weights = -0.5 * (dim + 1) * np.log1p(d2 / dim)
+    log_weights -= log_weights.max(axis=1, keepdims=True)
+    weights = np.exp(log_weights)
+    assignment = weights[rows, best] / weights.sum(axis=1)
+    novelty = 1.0 / (1.0 + (prototypes.radii[best] / np.maximum(nearest, 1e-12)) ** 2)
+    uncertainty = (1.0 - assignment * (1.0 - novelty)).astype(np.float32)
     labels = np.asarray(prototypes.labels, dtype=object)[best]
     return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)
 

@@ -188,8 +188,10 @@ def model_input(
     """The encoder's input for a dense minibatch of counts (cells x genes).
 
     log1p(counts / library * target_sum), divided by the per-cell MaxAbs ``scale`` rows when the
-    recipe asks for per-batch MaxAbs scaling.
+    recipe asks for per-batch MaxAbs scaling; log1p(counts) for the ``log_counts`` transform.
     """
+    if recipe.input_transform == "log_counts":
+        return torch.log1p(counts)
     factor = torch.where(library > 0, recipe.target_sum / library.clamp(min=1e-12), 0.0)
     out = torch.log1p(counts * factor.unsqueeze(-1))
     if recipe.input_transform == "log_normalized_maxabs":

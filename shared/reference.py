@@ -42,6 +42,9 @@ from fedatlas.shared.training import (
 log = logging.getLogger(__name__)
 
 REFERENCE_SITE = "reference"
+# Below this many optimiser steps the presets' networks were seen to leave cell types unresolved
+# (e.g. 240 cells: 2 steps per epoch); the build warns.
+MIN_ADVISED_STEPS = 300
 
 
 @dataclass
@@ -129,6 +132,12 @@ def build_reference(
         progress=reporter,
     )
     reporter.finish("stopped early" if result.stopped_early else "")
+    if result.iterations < MIN_ADVISED_STEPS:
+        log.warning(
+            "training took only %d optimiser steps (%d cells, %d epochs of %d-cell minibatches); "
+            "a network trained this briefly may not separate cell types: consider more --epochs",
+            result.iterations, data.n_cells, result.epochs, train.batch_size,
+        )  # fmt: skip
     means = latent_means(model, data, recipe)
     estimate_dsbn_statistics(model, data, recipe, means)
     model.freeze_all()

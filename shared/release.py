@@ -141,6 +141,14 @@ class Release:
         vocab = np.asarray([*self.content["reference"]["label_vocab"][level], ""], dtype=object)
         return vocab[self.tensors[name].numpy().astype(np.int64)]  # -1 picks ""
 
+    def condition_embeddings(self) -> tuple[list[str], NDArray[np.float32]] | None:
+        """The learnt condition embeddings (``embedding`` mechanism): names and one row per
+        condition, for analysis (e.g. a PCA of samples); None for other mechanisms."""
+        table = self.tensors.get(MODEL_PREFIX + "embedding.table")
+        if table is None:
+            return None
+        return self.condition_names, table.numpy().copy()
+
     def model_tensors(self) -> dict[str, Tensor]:
         """The network's tensors, named as :meth:`CondVAE.export_tensors` names them."""
         n = len(MODEL_PREFIX)

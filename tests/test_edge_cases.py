@@ -145,3 +145,32 @@ def test_unreadable_files(tmp_path: Path) -> None:
         read_h5ad(tmp_path / "notes.h5ad")
     with pytest.raises(InputDataError, match="no such file"):
         read_h5ad(tmp_path / "absent.h5ad")
+
+
+def test_several_label_levels() -> None:
+    # A world large enough for scPoli's short recipe to learn cell types (the tiny one is not).
+    world = SyntheticWorld(seed=7, n_genes=1000, cell_types=("A", "B", "C", "D"))
+    reference = world.sample(600, batches=("r1", "r2"), seed=41)
+    fine = reference.obs["cell_type"].astype(str)
+    reference.obs["lineage"] = fine.map({"A": "AB", "B": "AB", "C": "CD", "D": "CD"}).to_numpy()
+    cells = extract_cells(
+        reference, source="ref", batch_key="batch", label_keys=["lineage", "cell_type"]
+    )
+    built = build_reference(
+        cells,
+        preset="scpoli",
+        n_top_genes=500,
+        train_overrides={"batch_size": 32},
+        progress=False,
+    )
+    assert built.release.label_levels == ["lineage", "cell_type"]
+    assert built.release.prototypes("lineage").labels == ("AB", "CD")
+    query = world.sample(200, batches=("q",), seed=42)
+    result = map_cells(built.release, cells_of(query, None), epochs=10, progress=False)
+    assert list(result.transfers) == ["lineage", "cell_type"]
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    coarse_truth = np.where(np.isin(truth, ["A", "B"]), "AB", "CD")
+    # Measured 0.95 (cell type) and 0.80 (lineage): the synthetic types are equally far apart,
+    # so a lineage of two unrelated types is two clusters behind one prototype.
+    assert np.mean(result.transfers["cell_type"].labels == truth) >= 0.9
+    assert np.mean(result.transfers["lineage"].labels == coarse_truth) >= 0.7

@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from anndata import AnnData
@@ -93,3 +94,13 @@ def test_same_seed_same_release(
         progress=False,
     )
     assert again.release.content_hash == tiny_builds["scpoli"].release.content_hash
+
+
+def test_condition_embeddings_are_retrievable(tiny_builds: dict[str, BuildResult]) -> None:
+    release = tiny_builds["scpoli"].release
+    found = release.condition_embeddings()
+    assert found is not None
+    names, table = found
+    assert names == release.condition_names and table.shape == (3, 10)
+    assert not np.allclose(table[0], table[1])  # each batch learnt its own embedding
+    assert tiny_builds["scarches"].release.condition_embeddings() is None
