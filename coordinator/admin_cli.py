@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedatlas.shared.cli import add_subcommand, print_result, settings
+from fedatlas.shared.cli import (
+    add_data_arguments,
+    add_subcommand,
+    print_result,
+    read_cells,
+    settings,
+)
 from fedatlas.shared.config import PRESETS
 
 
@@ -26,18 +32,13 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "Select highly variable genes on the reference, train the chosen model family on all "
         "of its cells and write a release (manifest + pickle-free weights) to --out.",
     )
-    build.add_argument("--data", required=True, type=Path, help="reference .h5ad (raw counts)")
-    build.add_argument("--batch-key", required=True, help="obs column with each cell's batch")
-    build.add_argument(
-        "--label-key",
-        action="append",
-        default=[],
-        help="obs column with cell-type labels; repeat for several label levels (primary first)",
+    add_data_arguments(
+        build,
+        label_help="obs column with cell-type labels; repeat for several label levels "
+        "(primary first)",
     )
     build.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
     build.add_argument("--out", required=True, type=Path, help="release directory to create")
-    build.add_argument("--layer", help="layer holding raw counts (default: X)")
-    build.add_argument("--gene-key", help="var column with gene identifiers (default: var_names)")
     build.add_argument("--epochs", type=int, help="override the preset's number of epochs")
     build.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     build.add_argument(
@@ -72,9 +73,7 @@ def register(groups: Any, name: str, help_text: str) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from fedatlas.shared.config import ModelConfig, TrainConfig
-    from fedatlas.shared.dataset import extract_cells
     from fedatlas.shared.errors import ReleaseError
-    from fedatlas.shared.h5ad import read_h5ad
     from fedatlas.shared.reference import build_reference
 
     out: Path = args.out
@@ -82,16 +81,7 @@ def _build(args: argparse.Namespace) -> int:
         raise ReleaseError(f"{out}: already exists; choose a new --out or pass --overwrite")
     model_overrides = settings(args.set, ModelConfig)
     train_overrides = settings(args.train_set, TrainConfig)
-    adata = read_h5ad(args.data)
-    cells = extract_cells(
-        adata,
-        source=str(args.data),
-        batch_key=args.batch_key,
-        label_keys=args.label_key,
-        layer=args.layer,
-        gene_key=args.gene_key,
-    )
-    del adata
+    _, cells = read_cells(args)
     result = build_reference(
         cells,
         preset=args.model,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from fedatlas.shared.artifact import Artifact
 from fedatlas.shared.errors import AdaptorError
-from fedatlas.shared.hashing import canonical_json, content_hash, tensor_digest, tensor_index
+from fedatlas.shared.hashing import canonical_json, tensor_digest, tensor_index
 from fedatlas.shared.nn.vae import TABLE_SUFFIX, CondVAE
 from fedatlas.shared.prototypes import PrototypeSet, merge_prototype_sets
 from fedatlas.shared.release import MODEL_PREFIX, Release, prototype_prefix
@@ -32,17 +33,8 @@ METADATA_KEY = "fedatlas_adaptor"
 
 
 @dataclass
-class Adaptor:
-    """A site's adaptor: content (hashed), tensors, and provenance (not hashed)."""
-
-    content: dict[str, Any]
-    tensors: dict[str, Tensor]
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def content_hash(self) -> str:
-        """The adaptor id."""
-        return content_hash(self.content)
+class Adaptor(Artifact):
+    """A site's adaptor."""
 
     @property
     def site_id(self) -> str:

@@ -13,10 +13,16 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fedatlas.shared import __version__
 from fedatlas.shared.errors import FedatlasError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from fedatlas.shared.dataset import CellTable
 
 # (group name, module with a register(subparsers) function, help)
 GROUPS: tuple[tuple[str, str, str], ...] = (
@@ -79,6 +85,32 @@ def print_result(payload: dict[str, Any], as_json: bool, lines: Sequence[str]) -
     else:
         for line in lines:
             print(line)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, label_help: str) -> None:
+    """The options every command that reads a dataset shares."""
+    parser.add_argument("--data", required=True, type=Path, help=".h5ad file with raw counts")
+    parser.add_argument("--batch-key", required=True, help="obs column with each cell's batch")
+    parser.add_argument("--label-key", action="append", default=[], help=label_help)
+    parser.add_argument("--layer", help="layer holding raw counts (default: X)")
+    parser.add_argument("--gene-key", help="var column with gene identifiers (default: var_names)")
+
+
+def read_cells(args: argparse.Namespace) -> tuple[AnnData, CellTable]:
+    """The dataset named by :func:`add_data_arguments`' options, validated."""
+    from fedatlas.shared.dataset import extract_cells
+    from fedatlas.shared.h5ad import read_h5ad
+
+    adata = read_h5ad(args.data)
+    cells = extract_cells(
+        adata,
+        source=str(args.data),
+        batch_key=args.batch_key,
+        label_keys=args.label_key,
+        layer=args.layer,
+        gene_key=args.gene_key,
+    )
+    return adata, cells
 
 
 def settings(pairs: Sequence[str] | None, target: type) -> dict[str, Any]:

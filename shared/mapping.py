@@ -28,7 +28,6 @@ from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.genes import DEFAULT_MIN_GENE_OVERLAP, GeneAlignment, align_genes
 from fedatlas.shared.label_transfer import Transfer, knn_transfer, prototype_transfer
 from fedatlas.shared.nn.vae import CondVAE
-from fedatlas.shared.preprocessing import log_normalize, maxabs_scales
 from fedatlas.shared.progress import Progress
 from fedatlas.shared.prototypes import PrototypeSet, merge_prototype_sets
 from fedatlas.shared.release import Release
@@ -245,15 +244,7 @@ def _training_data(
         label_targets(labels, list(catalogue[i].labels) + new_labels[i])
         for i, labels in enumerate(site_labels)
     ]
-    recipe = release.recipe
-    scales = None
-    if recipe.input_transform == "log_normalized_maxabs":
-        n_conditions = int(conditions.max()) + 1
-        scales = maxabs_scales(log_normalize(counts, recipe.target_sum), conditions, n_conditions)
-    data = TrainingData(
-        counts, conditions, targets, scales, conditions if scales is not None else None
-    )
-    return data, new_labels
+    return TrainingData.for_recipe(counts, conditions, targets, release.recipe), new_labels
 
 
 def _fresh_cells(data: TrainingData, n_known: int) -> TrainingData:

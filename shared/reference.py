@@ -18,7 +18,7 @@ from fedatlas.shared.dataset import UNLABELED, CellTable, condition_name, label_
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
 from fedatlas.shared.nn.vae import CondVAE
-from fedatlas.shared.preprocessing import log_normalize, maxabs_scales, select_highly_variable_genes
+from fedatlas.shared.preprocessing import select_highly_variable_genes
 from fedatlas.shared.progress import Progress
 from fedatlas.shared.prototypes import PrototypeSet, cluster_prototypes
 from fedatlas.shared.release import (
@@ -91,75 +91,27 @@ def build_reference(
 
     gene_index = select_highly_variable_genes(cells.counts, cells.batches, recipe)
     genes = [cells.genes[i] for i in gene_index]
-    counts = cells.counts[:, gene_index].tocsr()
     model_cfg = preset.model_config(len(genes), **overrides)
     batch_names = sorted(set(cells.batches.tolist()))
     conditions = np.searchsorted(np.asarray(batch_names), cells.batches).astype(np.int64)
     levels = list(cells.labels)
     vocab = {lv: sorted({str(v) for v in cells.labels[lv]} - {UNLABELED}) for lv in levels}
     targets = [label_targets(cells.labels[lv], vocab[lv]) for lv in levels]
-    scales = None
-    if recipe.input_transform == "log_normalized_maxabs":
-        scales = maxabs_scales(
-            log_normalize(counts, recipe.target_sum), conditions, len(batch_names)
-        )
-    data = TrainingData(
-        counts, conditions, targets, scales, conditions if scales is not None else None
-    )
+    data = TrainingData.for_recipe(cells.counts[:, gene_index].tocsr(), conditions, targets, recipe)
     log.info(
         "reference: %d cells, %d batches, %d genes selected, label levels %s",
-        data.n_cells,
-        len(batch_names),
-        len(genes),
-        levels or "none",
-    )
+        data.n_cells, len(batch_names), len(genes), levels or "none",
+    )  # fmt: skip
 
     model = CondVAE(model_cfg, len(batch_names))
-    prototypes = PrototypeTargets(
-        [torch.zeros(0, model_cfg.latent_dim) for _ in levels],
-        [len(vocab[lv]) for lv in levels],
-        model_cfg.latent_dim,
-    )
-    reporter = Progress("training reference", train.epochs, "epoch", enabled=progress)
-    result = fit(
-        model,
-        data,
-        train,
-        recipe,
-        mode="reference",
-        prototypes=prototypes,
-        seed=seed,
-        progress=reporter,
-    )
-    reporter.finish("stopped early" if result.stopped_early else "")
-    if result.iterations < MIN_ADVISED_STEPS:
-        log.warning(
-            "training took only %d optimiser steps (%d cells, %d epochs of %d-cell minibatches); "
-            "a network trained this briefly may not separate cell types: consider more --epochs",
-            result.iterations, data.n_cells, result.epochs, train.batch_size,
-        )  # fmt: skip
+    result = _train(model, data, train, recipe, [len(vocab[lv]) for lv in levels], seed, progress)
     means = latent_means(model, data, recipe)
     estimate_dsbn_statistics(model, data, recipe, means)
     model.freeze_all()
 
-    tensors = {MODEL_PREFIX + k: v for k, v in model.export_tensors().items()}
-    described: dict[str, Any] = {}
-    for i, lv in enumerate(levels):
-        pset, _ = PrototypeSet.from_latents(means, cells.labels[lv], site_id)
-        tensors.update(pset.to_tensors(prototype_prefix(i)))
-        described[lv] = pset.describe()
-    unlabeled_meta = None
-    unlabeled = np.ones(data.n_cells, bool) if not levels else cells.labels[levels[0]] == UNLABELED
-    if unlabeled.sum() >= 3:
-        clusters = cluster_prototypes(means[unlabeled], source=site_id, seed=seed)
-        tensors.update(clusters.to_tensors(UNLABELED_PREFIX))
-        unlabeled_meta = clusters.describe()
-    if keep_latents:
-        tensors[LATENT_TENSOR] = torch.from_numpy(means.copy())
-        tensors[CONDITION_TENSOR] = torch.from_numpy(conditions.astype(np.int32))
-        for i, t in enumerate(targets):
-            tensors[reference_label_tensor(i)] = torch.from_numpy(t.astype(np.int32))
-
+    tensors, described, unlabeled_meta = _release_tensors(
+        model, means, cells, data, site_id, seed, keep_latents
+    )
     cell_counts = np.bincount(conditions, minlength=len(batch_names))
     content = {
         "kind": "reference",
@@ -190,3 +142,64 @@ def build_reference(
     }
     release = Release.assemble(content, tensors, provenance)
     return BuildResult(release=release, fit=result, latent=means, conditions=conditions)
+
+
+def _train(
+    model: CondVAE,
+    data: TrainingData,
+    train: TrainConfig,
+    recipe: PreprocessingRecipe,
+    n_labels: list[int],
+    seed: int,
+    progress: bool,
+) -> FitResult:
+    """Train the whole network, with progress and a warning when training was too short."""
+    prototypes = PrototypeTargets(
+        [torch.zeros(0, model.config.latent_dim) for _ in n_labels],
+        n_labels,
+        model.config.latent_dim,
+    )
+    reporter = Progress("training reference", train.epochs, "epoch", enabled=progress)
+    result = fit(
+        model, data, train, recipe, mode="reference", prototypes=prototypes, seed=seed,
+        progress=reporter,
+    )  # fmt: skip
+    reporter.finish("stopped early" if result.stopped_early else "")
+    if result.iterations < MIN_ADVISED_STEPS:
+        log.warning(
+            "training took only %d optimiser steps (%d cells, %d epochs of %d-cell minibatches); "
+            "a network trained this briefly may not separate cell types: consider more --epochs",
+            result.iterations, data.n_cells, result.epochs, train.batch_size,
+        )  # fmt: skip
+    return result
+
+
+def _release_tensors(
+    model: CondVAE,
+    means: NDArray[np.float32],
+    cells: CellTable,
+    data: TrainingData,
+    site_id: str,
+    seed: int,
+    keep_latents: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
+    """Weights, prototype catalogue (labelled and Leiden clusters) and optional latents."""
+    tensors = {MODEL_PREFIX + k: v for k, v in model.export_tensors().items()}
+    described: dict[str, Any] = {}
+    levels = list(cells.labels)
+    for i, level in enumerate(levels):
+        pset, _ = PrototypeSet.from_latents(means, cells.labels[level], site_id)
+        tensors.update(pset.to_tensors(prototype_prefix(i)))
+        described[level] = pset.describe()
+    unlabeled_meta = None
+    unlabeled = np.ones(data.n_cells, bool) if not levels else cells.labels[levels[0]] == UNLABELED
+    if unlabeled.sum() >= 3:
+        clusters = cluster_prototypes(means[unlabeled], source=site_id, seed=seed)
+        tensors.update(clusters.to_tensors(UNLABELED_PREFIX))
+        unlabeled_meta = clusters.describe()
+    if keep_latents:
+        tensors[LATENT_TENSOR] = torch.from_numpy(means.copy())
+        tensors[CONDITION_TENSOR] = torch.from_numpy(data.conditions.astype(np.int32))
+        for i, target in enumerate(data.targets):
+            tensors[reference_label_tensor(i)] = torch.from_numpy(target.astype(np.int32))
+    return tensors, described, unlabeled_meta

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import safetensors.torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from fedatlas.shared.artifact import Artifact
 from fedatlas.shared.config import ModelConfig, PreprocessingRecipe, TrainConfig
 from fedatlas.shared.errors import ReleaseError
 from fedatlas.shared.hashing import content_hash, tensor_digest, tensor_index
@@ -56,23 +57,8 @@ def reference_label_tensor(level_index: int) -> str:
 
 
 @dataclass
-class Release:
-    """An in-memory reference release (or composite): content, tensors and provenance."""
-
-    content: dict[str, Any]
-    tensors: dict[str, Tensor]
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ identity
-    @property
-    def content_hash(self) -> str:
-        """The release id: hash of its canonical content."""
-        return content_hash(self.content)
-
-    @property
-    def short_id(self) -> str:
-        """First 12 hex digits of the id, for display."""
-        return self.content_hash.split(":", 1)[1][:12]
+class Release(Artifact):
+    """An in-memory reference release (or composite)."""
 
     @property
     def trunk_id(self) -> str:

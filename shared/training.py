@@ -25,7 +25,12 @@ from fedatlas.shared.config import PreprocessingRecipe, TrainConfig
 from fedatlas.shared.nn.likelihoods import NonZero
 from fedatlas.shared.nn.mmd import mmd_across_conditions
 from fedatlas.shared.nn.vae import CondVAE
-from fedatlas.shared.preprocessing import library_sizes, model_input
+from fedatlas.shared.preprocessing import (
+    library_sizes,
+    log_normalize,
+    maxabs_scales,
+    model_input,
+)
 from fedatlas.shared.progress import Progress
 
 Mode = Literal["reference", "mapping"]
@@ -45,6 +50,22 @@ class TrainingData:
 
     def __post_init__(self) -> None:
         self.library = library_sizes(self.counts)
+
+    @classmethod
+    def for_recipe(
+        cls,
+        counts: sp.csr_matrix,
+        conditions: NDArray[np.int64],
+        targets: list[NDArray[np.int64]],
+        recipe: PreprocessingRecipe,
+    ) -> TrainingData:
+        """Training data with whatever the recipe needs besides counts (per-batch MaxAbs
+        scales, computed from these cells, for the Bernoulli recipe)."""
+        if recipe.input_transform != "log_normalized_maxabs":
+            return cls(counts, conditions, targets)
+        n_rows = int(conditions.max()) + 1 if conditions.size else 0
+        scales = maxabs_scales(log_normalize(counts, recipe.target_sum), conditions, n_rows)
+        return cls(counts, conditions, targets, scales, conditions)
 
     @property
     def n_cells(self) -> int:

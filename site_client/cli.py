@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedatlas.shared.cli import add_subcommand, print_result
+from fedatlas.shared.cli import add_data_arguments, add_subcommand, print_result, read_cells
 
 
 def register(groups: Any, name: str, help_text: str) -> None:
@@ -26,19 +26,13 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "obs['fedatlas_unknown'] and uns['fedatlas'].",
     )
     mapping.add_argument("--reference", required=True, type=Path, help="release directory")
-    mapping.add_argument("--data", required=True, type=Path, help="the site's .h5ad (raw counts)")
-    mapping.add_argument("--batch-key", required=True, help="obs column with each cell's batch")
-    mapping.add_argument(
-        "--label-key",
-        action="append",
-        default=[],
-        help="obs column with known labels, matched in order to the release's label levels; "
-        "labelled cells guide adaptor training and give the site's prototypes",
+    add_data_arguments(
+        mapping,
+        label_help="obs column with known labels, matched in order to the release's label "
+        "levels; labelled cells guide adaptor training and give the site's prototypes",
     )
     mapping.add_argument("--out", required=True, type=Path, help="output .h5ad")
     mapping.add_argument("--adaptor-out", type=Path, help="write the site's adaptor to this file")
-    mapping.add_argument("--layer", help="layer holding raw counts (default: X)")
-    mapping.add_argument("--gene-key", help="var column with gene identifiers (default: var_names)")
     mapping.add_argument("--epochs", type=int, help="override the release's mapping epochs")
     mapping.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     mapping.add_argument(
@@ -71,22 +65,14 @@ def register(groups: Any, name: str, help_text: str) -> None:
 
 def _map(args: argparse.Namespace) -> int:
     from fedatlas.shared.annotations import annotate
-    from fedatlas.shared.dataset import condition_name, extract_cells
+    from fedatlas.shared.dataset import condition_name
     from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.h5ad import read_h5ad, write_h5ad
+    from fedatlas.shared.h5ad import write_h5ad
     from fedatlas.shared.mapping import map_cells
     from fedatlas.shared.release import Release
 
     release = Release.load(args.reference)
-    adata = read_h5ad(args.data)
-    cells = extract_cells(
-        adata,
-        source=str(args.data),
-        batch_key=args.batch_key,
-        label_keys=args.label_key,
-        layer=args.layer,
-        gene_key=args.gene_key,
-    )
+    adata, cells = read_cells(args)
     if args.adaptor_out is not None:
         known = set(release.condition_names)
         if all(condition_name(args.site_id, b) in known for b in set(cells.batches.tolist())):

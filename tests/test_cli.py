@@ -126,46 +126,13 @@ def test_known_batches_have_no_adaptor(
     files: dict[str, Path], release_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = files["ref"].parent / "nothing.adaptor"
-    code = main(
-        [
-            "site",
-            "map",
-            "--reference",
-            str(release_dir),
-            "--data",
-            str(files["ref"]),
-            "--batch-key",
-            "batch",
-            "--site-id",
-            "reference",
-            "--out",
-            str(files["ref"].parent / "ref_mapped.h5ad"),
-            "--adaptor-out",
-            str(out),
-        ]
-    )
-    assert code == 2
+    mapped = files["ref"].parent / "ref_mapped.h5ad"
+    args = ["site", "map", "--reference", str(release_dir), "--data", str(files["ref"]),
+            "--batch-key", "batch", "--site-id", "reference", "--out", str(mapped)]  # fmt: skip
+    assert main([*args, "--adaptor-out", str(out)]) == 2
     assert not out.exists()
     assert "already a condition of the release" in capsys.readouterr().err
-    code = main(
-        [
-            "-q",
-            "site",
-            "map",
-            "--reference",
-            str(release_dir),
-            "--data",
-            str(files["ref"]),
-            "--batch-key",
-            "batch",
-            "--site-id",
-            "reference",
-            "--out",
-            str(files["ref"].parent / "ref_mapped.h5ad"),
-            "--json",
-        ]
-    )
-    assert code == 0
+    assert main(["-q", *args, "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["trained_parameters"] == 0
     assert payload["adaptor_id"] == ""

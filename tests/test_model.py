@@ -93,7 +93,11 @@ def test_scpoli_preset_architecture() -> None:
 
 def test_condition_entry_points() -> None:
     onehot = CondVAE(get_preset("scarches").model_config(100), n_conditions=2)
-    assert set(onehot.condition_tables()) == {"encoder_condition", "decoder_condition"}
+    assert set(onehot.condition_tables()) == {
+        "encoder_condition",
+        "decoder_condition",
+        "log_theta_condition",
+    }
     dsbn = CondVAE(get_preset("scalex").model_config(100), n_conditions=2)
     assert set(dsbn.condition_tables()) == {
         "dsbn.weight",

@@ -101,6 +101,7 @@ def test_condition_embeddings_are_retrievable(tiny_builds: dict[str, BuildResult
     found = release.condition_embeddings()
     assert found is not None
     names, table = found
-    assert names == release.condition_names and table.shape == (3, 10)
+    assert names == release.condition_names
+    assert table.shape == (3, 10)
     assert not np.allclose(table[0], table[1])  # each batch learnt its own embedding
     assert tiny_builds["scarches"].release.condition_embeddings() is None

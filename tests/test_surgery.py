@@ -30,12 +30,12 @@ def test_mapping_leaves_every_release_tensor_bit_identical(
     config = release.model_config
     if preset == "scpoli":  # one embedding row per new condition
         expected = n_new * config.embedding_dim
-    elif preset == "scarches":  # one-hot columns of the first encoder and decoder layers
-        expected = n_new * (config.encoder_hidden[0] + config.decoder_hidden[0])
+    elif preset == "scarches":  # one-hot columns of the first layers + a dispersion row
+        expected = n_new * (config.encoder_hidden[0] + config.decoder_hidden[0] + config.n_genes)
     else:  # a DSBN scale and shift per gene
         expected = n_new * 2 * config.n_genes
     assert result.trained_parameters == expected
-    assert result.total_parameters > 100 * expected
+    assert result.total_parameters > 50 * expected  # even in this 200-gene toy network
 
 
 def test_trained_rows_actually_moved(
