@@ -249,6 +249,7 @@ class Preset:
     reference: TrainConfig
     mapping: TrainConfig
     model_overrides: Mapping[str, Any] = field(default_factory=dict)
+    transfer: TransferMethod = "prototype"  # default label transfer at sites
 
     def model_config(self, n_genes: int, **overrides: Any) -> ModelConfig:
         """The preset's network for ``n_genes`` genes, with optional field overrides."""
@@ -350,6 +351,8 @@ SCARCHES = Preset(
 # lr 2e-4 with weight decay 5e-4, minibatch 64, at most 30,000 iterations, early stopping after
 # 10 epochs without improvement. Projecting a new batch needs no training: mapping estimates the
 # new DSBN branch's statistics in one pass (0 epochs); --epochs N also fits its scale and shift.
+# Labels are transferred by kNN on the reference latents, as in SCALEX's own workflow: its lines
+# form sub-clusters by protocol that one prototype per label describes poorly.
 SCALEX = Preset(
     name="scalex",
     description="SCALEX: batch-free encoder, domain-specific batch norm in the decoder",
@@ -368,6 +371,7 @@ SCALEX = Preset(
     ),
     mapping=TrainConfig(epochs=0, batch_size=64, lr=2e-4, weight_decay=5e-4, kl_weight=0.5),
     model_overrides={"latent_dim": 10, "norm": "batch", "dropout": 0.0},
+    transfer="knn",
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (SCPOLI, SCARCHES, SCALEX)}

@@ -130,7 +130,10 @@ def build_reference(
         "prototypes": described,
         "unlabeled_prototypes": unlabeled_meta,
         "reference": {"n_cells": data.n_cells, "keeps_latents": keep_latents, "label_vocab": vocab},
-        "transfer": {"method": "prototype", "unknown_threshold": unknown_threshold},
+        "transfer": {
+            "method": preset.transfer if keep_latents else "prototype",
+            "unknown_threshold": unknown_threshold,
+        },
         "lineage": {"base": None, "adaptors": []},
     }
     provenance = {

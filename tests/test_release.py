@@ -105,3 +105,26 @@ def test_condition_embeddings_are_retrievable(tiny_builds: dict[str, BuildResult
     assert table.shape == (3, 10)
     assert not np.allclose(table[0], table[1])  # each batch learnt its own embedding
     assert tiny_builds["scarches"].release.condition_embeddings() is None
+
+
+def test_release_records_the_presets_transfer_method(
+    tiny_builds: dict[str, BuildResult], reference_adata: AnnData
+) -> None:
+    from conftest import cells_of
+
+    from fedatlas.shared.reference import build_reference
+
+    methods = {p: b.release.content["transfer"]["method"] for p, b in tiny_builds.items()}
+    assert methods == {"scpoli": "prototype", "scarches": "prototype", "scalex": "knn"}
+    # without reference latents kNN is impossible: the release falls back to prototypes
+    lean = build_reference(
+        cells_of(reference_adata),
+        preset="scalex",
+        epochs=2,
+        n_top_genes=200,
+        seed=0,
+        keep_latents=False,
+        progress=False,
+    ).release
+    assert lean.content["transfer"]["method"] == "prototype"
+    assert lean.content["reference"]["keeps_latents"] is False
