@@ -124,3 +124,27 @@ def test_invalid_settings_are_refused() -> None:
         get_preset("scpoli").model_config(100, hidden_units=3)
     with pytest.raises(ConfigError, match="unknown model preset"):
         get_preset("scvi")
+
+
+def test_mmd_matches_the_multi_scale_kernel_definition() -> None:
+    from fedatlas.shared.nn.mmd import KERNEL_BANDWIDTHS, mmd_across_conditions, rbf_mmd
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0, 1, (7, 4)), rng.normal(0.8, 1, (5, 4))
+
+    def k(x: np.ndarray, y: np.ndarray) -> float:
+        d2 = float(((x - y) ** 2).sum())
+        return sum(np.exp(-d2 / (2 * bw)) for bw in KERNEL_BANDWIDTHS)
+
+    def mean_k(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean([k(p, q) for p in x for q in y]))
+
+    expected = mean_k(a, a) + mean_k(b, b) - 2 * mean_k(a, b)
+    got = rbf_mmd(torch.tensor(a), torch.tensor(b)).item()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert expected > 0.05  # the shifted samples differ
+    assert rbf_mmd(torch.tensor(a), torch.tensor(a)).item() == pytest.approx(0.0, abs=1e-9)
+    # summed over pairs of conditions; a condition with a single cell is ignored
+    h = torch.tensor(np.vstack([a, b, rng.normal(0, 1, (1, 4))]))
+    condition = torch.tensor([0] * 7 + [1] * 5 + [2])
+    assert mmd_across_conditions(h, condition).item() == pytest.approx(got, rel=1e-9)
