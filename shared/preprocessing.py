@@ -85,11 +85,22 @@ def library_sizes(counts: sp.csr_matrix) -> NDArray[np.float32]:
 
 def log_normalize(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
     """log1p(counts / total * target_sum) per cell; cells without counts stay zero."""
-    totals = library_sizes(counts)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     out = sp.csr_matrix(counts, copy=True)
-    out.data = np.log1p(out.data * np.repeat(scale, np.diff(out.indptr))).astype(np.float32)
+    out.data = _log_normalized_values(counts, library_sizes(counts), target_sum)
     return out
+
+
+def _entry_rows(counts: sp.csr_matrix) -> NDArray[np.intp]:
+    """Row index of every stored entry of a CSR matrix."""
+    return np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+
+
+def _log_normalized_values(
+    counts: sp.csr_matrix, library: NDArray[np.float32], target_sum: float
+) -> NDArray[np.float32]:
+    """log1p(count / library * target_sum) of every stored entry (cells without counts: 0)."""
+    factor = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
+    return np.log1p(counts.data * factor[_entry_rows(counts)]).astype(np.float32)
 
 
 def select_highly_variable_genes(
@@ -180,22 +191,26 @@ def maxabs_scales(
 
 
 def model_input(
-    counts: Tensor,
-    library: Tensor,
+    counts: sp.csr_matrix,
+    library: NDArray[np.float32],
     recipe: PreprocessingRecipe,
-    scale: Tensor | None = None,
+    scales: NDArray[np.float32] | None = None,
+    scale_index: NDArray[np.int64] | None = None,
 ) -> Tensor:
-    """The encoder's input for a dense minibatch of counts (cells x genes).
+    """The encoder's input (dense cells x genes) for rows of raw ``counts``.
 
-    log1p(counts / library * target_sum), divided by the per-cell MaxAbs ``scale`` rows when the
-    recipe asks for per-batch MaxAbs scaling; log1p(counts) for the ``log_counts`` transform.
+    log1p(counts / library * target_sum), divided by the MaxAbs row ``scales[scale_index]`` of
+    each cell when the recipe asks for per-batch MaxAbs scaling; log1p(counts) for the
+    ``log_counts`` transform. The transform runs on the non-zero entries only (it maps 0 to 0),
+    then the result is densified once.
     """
     if recipe.input_transform == "log_counts":
-        return torch.log1p(counts)
-    factor = torch.where(library > 0, recipe.target_sum / library.clamp(min=1e-12), 0.0)
-    out = torch.log1p(counts * factor.unsqueeze(-1))
+        values = np.log1p(counts.data).astype(np.float32)
+    else:
+        values = _log_normalized_values(counts, library, recipe.target_sum)
     if recipe.input_transform == "log_normalized_maxabs":
-        if scale is None:
+        if scales is None or scale_index is None:
             raise ValueError("per-batch MaxAbs scales are required by this recipe")
-        out = out / scale
-    return out
+        values /= scales[scale_index[_entry_rows(counts)], counts.indices]
+    dense = sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray()
+    return torch.from_numpy(dense)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
-import torch
 
 from fedatlas.shared.config import PreprocessingRecipe
 from fedatlas.shared.errors import InputDataError
@@ -82,17 +81,21 @@ def test_genes_seen_in_too_few_cells_are_never_selected() -> None:
 def test_model_input_matches_log_normalisation() -> None:
     counts = sp.csr_matrix(np.array([[1, 3, 0], [0, 0, 0], [4, 0, 4]], np.float32))
     recipe = PreprocessingRecipe(target_sum=100)
-    library = torch.tensor([4.0, 0.0, 8.0])
-    got = model_input(torch.from_numpy(counts.toarray()), library, recipe).numpy()
+    library = np.array([4.0, 0.0, 8.0], np.float32)
+    got = model_input(counts, library, recipe).numpy()
     np.testing.assert_allclose(got, log_normalize(counts, 100).toarray(), rtol=1e-6)
     assert np.all(got[1] == 0)  # a cell without counts stays zero instead of dividing by 0
+    np.testing.assert_allclose(
+        model_input(counts, library, PreprocessingRecipe(input_transform="log_counts")).numpy(),
+        np.log1p(counts.toarray()),
+        rtol=1e-6,
+    )
     scales = maxabs_scales(log_normalize(counts, 100), np.array([0, 0, 1]), 2)
     assert scales.shape == (2, 3)
     assert np.all(scales > 0)
-    scaled = model_input(
-        torch.from_numpy(counts.toarray()),
-        library,
-        PreprocessingRecipe(target_sum=100, input_transform="log_normalized_maxabs"),
-        torch.from_numpy(scales[[0, 0, 1]]),
-    )
+    maxabs = PreprocessingRecipe(target_sum=100, input_transform="log_normalized_maxabs")
+    scaled = model_input(counts, library, maxabs, scales, np.array([0, 0, 1])).numpy()
     assert float(scaled.max()) == pytest.approx(1.0)
+    np.testing.assert_allclose(scaled * scales[[0, 0, 1]], got, rtol=1e-6)
+    with pytest.raises(ValueError, match="MaxAbs"):
+        model_input(counts, library, maxabs)

@@ -115,7 +115,7 @@ def test_release_records_the_presets_transfer_method(
     from fedatlas.shared.reference import build_reference
 
     methods = {p: b.release.content["transfer"]["method"] for p, b in tiny_builds.items()}
-    assert methods == {"scpoli": "prototype", "scarches": "prototype", "scalex": "knn"}
+    assert methods == {"scpoli": "prototype", "scarches": "knn", "scalex": "knn"}
     # without reference latents kNN is impossible: the release falls back to prototypes
     lean = build_reference(
         cells_of(reference_adata),
