@@ -1,10 +1,16 @@
-"""``fedatlas admin ...``: the operator's commands."""
+"""``fedatlas admin ...``: the operator's commands.
+
+``reference build`` trains a release offline. Everything else works on a coordinator store
+directory (``--store``): ``init`` creates it; ``release``, ``site``, ``adaptors``, ``composite``,
+``policy``, ``tls`` and ``audit`` manage what the coordinator serves. They may run while
+``fedatlas coordinator serve`` uses the same store.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedatlas.shared.cli import (
     add_data_arguments,
@@ -12,16 +18,76 @@ from fedatlas.shared.cli import (
     print_result,
     read_cells,
     settings,
+    table,
 )
 from fedatlas.shared.config import PRESETS
+
+if TYPE_CHECKING:
+    from fedatlas.coordinator.registry import Outcome, Registry
 
 
 def register(groups: Any, name: str, help_text: str) -> None:
     """Add the ``admin`` command group."""
-    admin = groups.add_parser(name, help=help_text, description=help_text)
-    sections = admin.add_subparsers(dest="admin_section", metavar="{reference}")
+    admin = groups.add_parser(name, help=help_text, description=__doc__)
+    sections = admin.add_subparsers(
+        dest="admin_section",
+        metavar="{init,reference,release,site,adaptors,composite,policy,tls,audit}",
+    )
     sections.required = True
-    reference = sections.add_parser("reference", help="reference releases")
+    _register_init(sections)
+    _register_reference(sections)
+    _register_store_sections(sections)
+
+
+def _store_command(
+    commands: Any, name: str, handler: Any, help_text: str, description: str = ""
+) -> argparse.ArgumentParser:
+    parser = add_subcommand(commands, name, handler, help_text, description)
+    parser.add_argument("--store", required=True, type=Path, help="coordinator store directory")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _section(sections: Any, name: str, help_text: str, commands: str) -> Any:
+    section = sections.add_parser(name, help=help_text, description=help_text)
+    sub = section.add_subparsers(dest=f"{name}_command", metavar="{" + commands + "}")
+    sub.required = True
+    return sub
+
+
+def _register_init(sections: Any) -> None:
+    init = _store_command(
+        sections, "init", _init, "create a coordinator store",
+        "Creates STORE with the coordinator's signing key (coordinator.key/.pub), a local "
+        "certificate authority (ca.pem: give it to sites), the server certificate and an empty "
+        "registry.",
+    )  # fmt: skip
+    init.add_argument(
+        "--host",
+        action="append",
+        help="name or address sites use to reach the coordinator (repeatable; default "
+        "localhost, 127.0.0.1, ::1)",
+    )
+    _add_policy_arguments(init)
+
+
+def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--approval",
+        choices=("auto", "hold"),
+        help="auto-accept verified bundles, or hold them for approval (default auto)",
+    )
+    parser.add_argument(
+        "--min-prototype-cells", type=int, help="cells a prototype must aggregate (10)"
+    )
+    parser.add_argument(
+        "--norm-factor", type=float, help="largest condition row, relative to the reference (10)"
+    )
+    parser.add_argument("--max-bundle-bytes", type=int, help="largest bundle accepted (16 MiB)")
+
+
+def _register_reference(sections: Any) -> None:
+    reference = sections.add_parser("reference", help="build reference releases offline")
     commands = reference.add_subparsers(dest="reference_command", metavar="{build}")
     commands.required = True
     build = add_subcommand(
@@ -127,3 +193,367 @@ def _build(args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+# ------------------------------------------------------------------------- store sections
+def _register_store_sections(sections: Any) -> None:
+    release = _section(sections, "release", "reference releases the coordinator serves", "publish")
+    publish = _store_command(
+        release, "publish", _publish, "publish a release directory as the current reference",
+        "Verifies the release, stores it and builds its first composite (no adaptors yet). "
+        "Bundles trained against an earlier release are no longer accepted.",
+    )  # fmt: skip
+    publish.add_argument("--release", required=True, type=Path, help="release directory")
+
+    site = _section(sections, "site", "enrolled sites", "enroll,revoke,list")
+    enroll = _store_command(site, "enroll", _enroll, "enrol a site with its public key")
+    enroll.add_argument("--site-id", required=True, help="the site's id (never reused)")
+    enroll.add_argument("--public-key", required=True, type=Path, help="the site's site.pub")
+    revoke = _store_command(site, "revoke", _revoke, "revoke a site: its bundles are refused")
+    revoke.add_argument("--site-id", required=True)
+    revoke.add_argument("--reason", default="revoked by the operator", help="recorded reason")
+    _store_command(site, "list", _list_sites, "list sites")
+
+    adaptors = _section(sections, "adaptors", "registered bundles", "list,show,approve,reject")
+    listing = _store_command(adaptors, "list", _list_adaptors, "list registered bundles")
+    listing.add_argument("--state", choices=("accepted", "held", "rejected"))
+    listing.add_argument("--site-id")
+    show = _store_command(adaptors, "show", _show_adaptor, "show one bundle")
+    show.add_argument("bundle_id", help="bundle id (sha256:... or a unique prefix of its hex)")
+    for name, handler, text in (
+        ("approve", _approve, "accept a held bundle (it enters the next composite)"),
+        ("reject", _reject, "reject a held bundle (its conditions become free again)"),
+    ):
+        decide = _store_command(adaptors, name, handler, text)
+        decide.add_argument("bundle_id", help="bundle id (sha256:... or a unique prefix)")
+        decide.add_argument("--reason", default="", help="recorded reason")
+
+    composite = _section(sections, "composite", "the composed reference", "show")
+    _store_command(composite, "show", _show_composite, "show the current composite")
+
+    policy = _section(sections, "policy", "the acceptance policy", "show,set")
+    _store_command(policy, "show", _show_policy, "show the acceptance policy")
+    _add_policy_arguments(_store_command(policy, "set", _set_policy, "change the policy"))
+
+    tls = _section(sections, "tls", "TLS material", "client-cert")
+    client = _store_command(
+        tls, "client-cert", _client_cert, "issue a client certificate for mutual TLS",
+        "Signed by the store's CA; give DIR/NAME.pem and DIR/NAME.key to the site, which "
+        "passes them as --client-cert and --client-key.",
+    )  # fmt: skip
+    client.add_argument("--name", required=True, help="certificate name (e.g. the site id)")
+    client.add_argument("--out", required=True, type=Path, help="directory for NAME.pem/.key")
+
+    audit = _section(sections, "audit", "the hash-chained audit log", "verify")
+    _store_command(
+        audit, "verify", _verify_audit, "check the audit chain and every stored row against it",
+        "Exit status 0 when intact, 1 when any entry or row was edited, removed or added "
+        "outside fedatlas.",
+    )  # fmt: skip
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    from fedatlas.coordinator.registry import Registry
+
+    return Registry(args.store)
+
+
+def _policy_from(args: argparse.Namespace, base: Any) -> Any:
+    import dataclasses
+
+    changes = {
+        field: getattr(args, field)
+        for field in ("approval", "min_prototype_cells", "norm_factor", "max_bundle_bytes")
+        if getattr(args, field) is not None
+    }
+    return dataclasses.replace(base, **changes)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.registry import init_store
+    from fedatlas.coordinator.tls import DEFAULT_HOSTS
+    from fedatlas.coordinator.verification import Policy
+    from fedatlas.shared.signing import fingerprint, load_public_key
+
+    policy = _policy_from(args, Policy())
+    layout = init_store(args.store, hosts=args.host or DEFAULT_HOSTS, policy=policy)
+    key_id = fingerprint(load_public_key(layout.public_key))
+    print_result(
+        {
+            "store": str(args.store),
+            "coordinator_key": key_id,
+            "ca": str(layout.ca_certificate),
+            "hosts": list(args.host or DEFAULT_HOSTS),
+            "policy": policy.__dict__,
+        },
+        args.json,
+        [
+            f"coordinator store {args.store}",
+            f"  signing key     {key_id} ({layout.public_key})",
+            f"  CA certificate  {layout.ca_certificate} (give it to every site)",
+            f"  server names    {', '.join(args.host or DEFAULT_HOSTS)}",
+            f"  policy          {policy.approval} approval, prototypes over >= "
+            f"{policy.min_prototype_cells} cells",
+        ],
+    )
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from fedatlas.shared.release import Release
+
+    release = Release.load(args.release)
+    with _registry(args) as registry:
+        composite = registry.publish_release(release, actor="admin")
+    print_result(
+        {"release_id": release.content_hash, "composite_generation": composite.generation},
+        args.json,
+        [
+            f"published release {release.content_hash}",
+            f"  composite       generation {composite.generation}: {composite.content_hash}",
+        ],
+    )
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from fedatlas.shared.signing import fingerprint, load_public_key
+
+    key = load_public_key(args.public_key)
+    with _registry(args) as registry:
+        _store_call(lambda: registry.store.enroll_site(args.site_id, key, "", actor="admin"))
+    print_result(
+        {"site_id": args.site_id, "key_fingerprint": fingerprint(key)},
+        args.json,
+        [f"enrolled site {args.site_id!r} with key {fingerprint(key)}"],
+    )
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        site = _store_call(
+            lambda: registry.store.revoke_site(args.site_id, actor="admin", reason=args.reason)
+        )
+    print_result(
+        {"site_id": site.site_id, "status": site.status, "revoked_at": site.revoked_at},
+        args.json,
+        [f"revoked site {site.site_id!r} at {site.revoked_at}; its bundles are now refused"],
+    )
+    return 0
+
+
+def _store_call(call: Any) -> Any:
+    """Run a store write, turning a store refusal into a user error."""
+    from fedatlas.coordinator.registry import RegistryError
+    from fedatlas.coordinator.store import StoreError
+
+    try:
+        return call()
+    except StoreError as exc:
+        raise RegistryError(str(exc)) from None
+
+
+def _list_sites(args: argparse.Namespace) -> int:
+    from fedatlas.shared.signing import fingerprint
+
+    with _registry(args) as registry:
+        sites = registry.store.list_sites()
+        counts: dict[str, int] = {}
+        for b in registry.store.list_bundles():
+            counts[b.site_id] = counts.get(b.site_id, 0) + 1
+    rows = [
+        {
+            "site_id": s.site_id,
+            "status": s.status,
+            "key_fingerprint": fingerprint(s.public_key),
+            "enrolled_at": s.enrolled_at,
+            "revoked_at": s.revoked_at,
+            "bundles": counts.get(s.site_id, 0),
+        }
+        for s in sites
+    ]
+    print_result(
+        {"sites": rows},
+        args.json,
+        table(
+            ["SITE", "STATUS", "KEY", "ENROLLED", "BUNDLES"],
+            [
+                [r["site_id"], r["status"], r["key_fingerprint"], r["enrolled_at"], r["bundles"]]
+                for r in rows
+            ],
+        )
+        if rows
+        else ["no sites enrolled"],
+    )
+    return 0
+
+
+def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "bundle_id": outcome.bundle_id,
+        "site_id": outcome.site_id,
+        "state": outcome.state,
+        "conditions": list(outcome.conditions),
+        "received_at": outcome.received_at,
+        "decided_at": outcome.decided_at,
+        "reason": outcome.reason,
+        "composite_generation": outcome.generation,
+    }
+
+
+def _list_adaptors(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.registry import Outcome
+
+    with _registry(args) as registry:
+        records = registry.store.list_bundles(state=args.state, site_id=args.site_id)
+        rows = [_outcome_dict(Outcome.of(r, registry.generation_of(r.bundle_id))) for r in records]
+    print_result(
+        {"adaptors": rows},
+        args.json,
+        table(
+            ["BUNDLE", "SITE", "STATE", "CONDITIONS", "RECEIVED", "GENERATION"],
+            [
+                [
+                    r["bundle_id"][:19],
+                    r["site_id"],
+                    r["state"],
+                    ",".join(r["conditions"]),
+                    r["received_at"],
+                    r["composite_generation"] or "-",
+                ]
+                for r in rows
+            ],
+        )
+        if rows
+        else ["no bundles registered"],
+    )
+    return 0
+
+
+def _show_adaptor(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.registry import Outcome
+
+    with _registry(args) as registry:
+        record = registry.bundle(args.bundle_id)
+        adaptor = registry.adaptor(record.bundle_id)
+        info = _outcome_dict(Outcome.of(record, registry.generation_of(record.bundle_id)))
+    info.update(
+        bundle_bytes=len(record.blob),
+        release_id=record.release_id,
+        adaptor_id=adaptor.content_hash,
+        training=adaptor.content.get("training", {}),
+        prototypes={k: v["labels"] for k, v in adaptor.content.get("prototypes", {}).items()},
+        tensors={k: v["shape"] for k, v in adaptor.content["tensors"].items()},
+    )
+    lines = [f"bundle {record.bundle_id}"] + [
+        f"  {key:<20} {value}" for key, value in info.items() if key != "bundle_id"
+    ]
+    print_result(info, args.json, lines)
+    return 0
+
+
+def _decide(args: argparse.Namespace, state: str) -> int:
+    with _registry(args) as registry:
+        outcome = registry.decide(args.bundle_id, state, actor="admin", reason=args.reason)
+    print_result(
+        _outcome_dict(outcome),
+        args.json,
+        [f"bundle {outcome.bundle_id}: {outcome.state}"]
+        + (
+            [f"  composite       generation {outcome.generation}"]
+            if outcome.state == "accepted"
+            else []
+        ),
+    )
+    return 0
+
+
+def _approve(args: argparse.Namespace) -> int:
+    return _decide(args, "accepted")
+
+
+def _reject(args: argparse.Namespace) -> int:
+    return _decide(args, "rejected")
+
+
+def _show_composite(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.registry import RegistryError
+
+    with _registry(args) as registry:
+        record = registry.store.latest_composite()
+        if record is None:
+            raise RegistryError(f"{args.store}: no composite yet (admin release publish)")
+        labels = {
+            level: len(entry["labels"])
+            for level, entry in registry.current_composite()[1].content["prototypes"].items()
+        }
+    info = {
+        "generation": record.generation,
+        "content_hash": record.content_hash,
+        "base_release": record.base_release_id,
+        "adaptors": list(record.bundle_ids),
+        "created_at": record.created_at,
+        "prototype_labels": labels,
+    }
+    print_result(
+        info,
+        args.json,
+        [
+            f"composite generation {record.generation}: {record.content_hash}",
+            f"  base release    {record.base_release_id}",
+            f"  adaptors        {len(record.bundle_ids)}",
+            f"  created         {record.created_at}",
+            f"  prototypes      {labels}",
+        ],
+    )
+    return 0
+
+
+def _show_policy(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        policy = registry.policy
+    print_result(policy.__dict__, args.json, [f"  {k:<20} {v}" for k, v in policy.__dict__.items()])
+    return 0
+
+
+def _set_policy(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        policy = _policy_from(args, registry.policy)
+        registry.set_policy(policy, actor="admin")
+    print_result(policy.__dict__, args.json, [f"  {k:<20} {v}" for k, v in policy.__dict__.items()])
+    return 0
+
+
+def _client_cert(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.registry import StoreLayout
+    from fedatlas.coordinator.tls import Issued, issue
+
+    layout = StoreLayout(args.store)
+    issued = issue(
+        Issued(layout.ca_certificate, layout.ca_key),
+        args.out / f"{args.name}.pem",
+        args.out / f"{args.name}.key",
+        common_name=args.name,
+        server=False,
+    )
+    print_result(
+        {"certificate": str(issued.certificate), "key": str(issued.key)},
+        args.json,
+        [f"client certificate {issued.certificate} (key {issued.key})"],
+    )
+    return 0
+
+
+def _verify_audit(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        problems = registry.store.verify_audit()
+        n_entries = len(registry.store.audit_entries())
+    print_result(
+        {"intact": not problems, "entries": n_entries, "problems": problems},
+        args.json,
+        [f"audit log intact: {n_entries} entries, every stored row matches"]
+        if not problems
+        else [f"audit log NOT intact ({len(problems)} problems):", *(f"  {p}" for p in problems)],
+    )
+    return 0 if not problems else 1

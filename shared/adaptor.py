@@ -87,18 +87,33 @@ class Adaptor(Artifact):
             content, claimed = header["content"], header["content_hash"]
         except Exception as exc:
             raise AdaptorError(f"{source}: not a fedatlas adaptor file ({exc})") from None
-        if content.get("format") != ADAPTOR_FORMAT:
-            raise AdaptorError(
-                f"{source}: format {content.get('format')!r}, expected {ADAPTOR_FORMAT!r}"
-            )
-        adaptor = cls(content, tensors, header.get("provenance", {}))
+        return cls.verified(
+            content, tensors, claimed, provenance=header.get("provenance", {}), source=source
+        )
+
+    @classmethod
+    def verified(
+        cls,
+        content: dict[str, Any],
+        tensors: dict[str, Tensor],
+        claimed_hash: str,
+        *,
+        provenance: dict[str, Any] | None = None,
+        source: str = "adaptor",
+    ) -> Adaptor:
+        """An adaptor from its parts, after checking its format, that its tensors are exactly
+        those its content lists (by SHA-256) and that the content has ``claimed_hash``."""
+        if not isinstance(content, dict) or content.get("format") != ADAPTOR_FORMAT:
+            found = content.get("format") if isinstance(content, dict) else type(content).__name__
+            raise AdaptorError(f"{source}: format {found!r}, expected {ADAPTOR_FORMAT!r}")
+        adaptor = cls(content, tensors, provenance or {})
         index = content.get("tensors", {})
         if set(index) != set(tensors):
             raise AdaptorError(f"{source}: tensors do not match the adaptor's index")
         for name, entry in index.items():
             if tensor_digest(tensors[name]) != entry.get("sha256"):
                 raise AdaptorError(f"{source}: tensor {name!r} does not match its recorded hash")
-        if adaptor.content_hash != claimed:
+        if adaptor.content_hash != claimed_hash:
             raise AdaptorError(f"{source}: content hash mismatch; the adaptor was modified")
         return adaptor
 

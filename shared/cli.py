@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 # (group name, module with a register(subparsers) function, help)
 GROUPS: tuple[tuple[str, str, str], ...] = (
-    ("admin", "fedatlas.coordinator.admin_cli", "operator commands (reference releases, ...)"),
+    ("admin", "fedatlas.coordinator.admin_cli", "operator commands (store, releases, sites, ...)"),
+    ("coordinator", "fedatlas.coordinator.cli", "run the coordinator's services"),
     ("site", "fedatlas.site_client.cli", "commands a site runs on its own data"),
     ("demo", "fedatlas.shared.demo", "run the end-to-end demo"),
 )
@@ -85,6 +86,13 @@ def print_result(payload: dict[str, Any], as_json: bool, lines: Sequence[str]) -
     else:
         for line in lines:
             print(line)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Lines of a plain-text table with left-aligned columns."""
+    cells = [[str(h) for h in headers], *[[str(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, label_help: str) -> None:

@@ -192,12 +192,7 @@ class Release(Artifact):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             safetensors.torch.save_file(self.tensors, str(tmp / WEIGHTS_FILE))
-            manifest = {
-                "content": self.content,
-                "content_hash": self.content_hash,
-                "provenance": self.provenance,
-            }
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            (tmp / MANIFEST_FILE).write_text(self.manifest_json())
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -205,6 +200,19 @@ class Release(Artifact):
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(tmp)
         return target
+
+    def manifest_json(self) -> str:
+        """The manifest as written to ``manifest.json``."""
+        manifest = {
+            "content": self.content,
+            "content_hash": self.content_hash,
+            "provenance": self.provenance,
+        }
+        return json.dumps(manifest, indent=1, sort_keys=True)
+
+    def weights_bytes(self) -> bytes:
+        """The weights as written to ``weights.safetensors``."""
+        return safetensors.torch.save(self.tensors)
 
     @classmethod
     def load(cls, directory: str | Path) -> Release:
@@ -215,21 +223,36 @@ class Release(Artifact):
             if not path.is_file():
                 raise ReleaseError(f"{root}: not a release directory ({path.name} is missing)")
         try:
-            manifest = json.loads(manifest_path.read_text())
-            content = manifest["content"]
-            claimed = manifest["content_hash"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise ReleaseError(f"{manifest_path}: malformed manifest ({exc})") from None
-        if content.get("format") != RELEASE_FORMAT:
-            raise ReleaseError(
-                f"{manifest_path}: format {content.get('format')!r}, expected {RELEASE_FORMAT!r}"
-            )
-        try:
             tensors = safetensors.torch.load_file(str(weights_path))
         except Exception as exc:  # safetensors raises several types for damaged files
             raise ReleaseError(f"{weights_path}: cannot be read ({exc})") from None
+        return cls.from_manifest(manifest_path.read_text(), tensors, source=str(root))
+
+    @classmethod
+    def from_bytes(cls, manifest_json: str, weights: bytes, *, source: str) -> Release:
+        """A verified release from the contents of its two files."""
+        try:
+            tensors = safetensors.torch.load(weights)
+        except Exception as exc:  # safetensors raises several types for damaged bytes
+            raise ReleaseError(f"{source}: weights cannot be read ({exc})") from None
+        return cls.from_manifest(manifest_json, tensors, source=source)
+
+    @classmethod
+    def from_manifest(
+        cls, manifest_json: str, tensors: dict[str, Tensor], *, source: str
+    ) -> Release:
+        """A verified release from its manifest text and its tensors."""
+        try:
+            manifest = json.loads(manifest_json)
+            content = manifest["content"]
+            claimed = manifest["content_hash"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ReleaseError(f"{source}: malformed manifest ({exc})") from None
+        if not isinstance(content, dict) or content.get("format") != RELEASE_FORMAT:
+            found = content.get("format") if isinstance(content, dict) else None
+            raise ReleaseError(f"{source}: format {found!r}, expected {RELEASE_FORMAT!r}")
         release = cls(content, tensors, manifest.get("provenance", {}))
-        release.verify(claimed, source=str(root))
+        release.verify(claimed, source=source)
         return release
 
     def verify(self, claimed_hash: str, *, source: str) -> None:

@@ -1,18 +1,38 @@
-"""``fedatlas site ...``: what a site runs on its own data."""
+"""``fedatlas site ...``: what a site runs on its own data.
+
+``map`` works offline on a release directory. ``keygen`` makes the site's signing key;
+``pull`` downloads and verifies the coordinator's composite; ``prepare`` trains the adaptor
+and writes a signed bundle file without any network (for compute with no network); ``send``
+sends such a file; ``submit`` is pull + prepare + send in one step.
+"""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedatlas.shared.cli import add_data_arguments, add_subcommand, print_result, read_cells
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from fedatlas.shared.dataset import CellTable
+    from fedatlas.shared.mapping import MappingResult
+    from fedatlas.shared.release import Release
+    from fedatlas.site_client.client import CoordinatorClient
+    from fedatlas.v1.coordinator_pb2 import SubmissionStatus
+
+EXIT_REJECTED = 3  # the coordinator refused the bundle (exit 2 stays "bad input")
 
 
 def register(groups: Any, name: str, help_text: str) -> None:
     """Add the ``site`` command group."""
     site = groups.add_parser(name, help=help_text, description=help_text)
-    commands = site.add_subparsers(dest="site_command", metavar="{map}")
+    commands = site.add_subparsers(
+        dest="site_command", metavar="{map,keygen,pull,prepare,send,submit}"
+    )
     commands.required = True
     mapping = add_subcommand(
         commands,
@@ -26,49 +46,133 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "obs['fedatlas_unknown'] and uns['fedatlas'].",
     )
     mapping.add_argument("--reference", required=True, type=Path, help="release directory")
+    _add_mapping_arguments(mapping, site_default="query")
+    mapping.add_argument("--adaptor-out", type=Path, help="write the site's adaptor to this file")
+
+    keygen = add_subcommand(
+        commands, "keygen", _keygen, "make this site's signing key pair",
+        "Writes DIR/site.key (Ed25519, readable by its owner only) and DIR/site.pub; give "
+        "site.pub to the coordinator's operator to enrol the site.",
+    )  # fmt: skip
+    keygen.add_argument("--out", required=True, type=Path, help="directory for the keys")
+    keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    keygen.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    pull = add_subcommand(
+        commands, "pull", _pull, "download and verify the coordinator's current composite",
+        "Checks the composite's content hash and the coordinator's signature (the key is "
+        "pinned on first contact) and writes a release directory that `site map` accepts.",
+    )  # fmt: skip
+    _add_coordinator_arguments(pull)
+    pull.add_argument("--out", required=True, type=Path, help="release directory to write")
+    pull.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    prepare = add_subcommand(
+        commands, "prepare", _prepare, "train this site's adaptor and write a signed bundle file",
+        "Fully offline: maps the data onto --reference like `site map`, signs the adaptor with "
+        "--key and writes the bundle to --bundle-out (send it later with `site send`).",
+    )  # fmt: skip
+    prepare.add_argument("--reference", required=True, type=Path, help="release directory")
+    _add_signing_arguments(prepare)
+    _add_mapping_arguments(prepare, site_default=None)
+    prepare.add_argument("--bundle-out", required=True, type=Path, help="bundle file to write")
+
+    send = add_subcommand(
+        commands, "send", _send, "send a prepared bundle file to the coordinator",
+        "Exit status 0 when the bundle is accepted or held for approval, 3 when rejected.",
+    )  # fmt: skip
+    _add_coordinator_arguments(send)
+    send.add_argument("--bundle", required=True, type=Path, help="bundle file from prepare")
+    send.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    submit = add_subcommand(
+        commands, "submit", _submit, "pull, train, sign and send in one step",
+        "Pulls and verifies the current composite, maps the data onto it (training this "
+        "site's adaptor), signs and sends the bundle, and writes the mapped cells to --out. "
+        "The bundle is also kept in --bundle-out (default: OUT with .bundle) so a failed send "
+        "can be repeated with `site send`; exit status as for `site send`.",
+    )  # fmt: skip
+    _add_coordinator_arguments(submit)
+    _add_signing_arguments(submit)
+    _add_mapping_arguments(submit, site_default=None)
+    submit.add_argument("--bundle-out", type=Path, help="where to keep the bundle file")
+    submit.add_argument(
+        "--reference-out", type=Path, help="keep the pulled composite in this directory"
+    )
+
+
+def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str | None) -> None:
     add_data_arguments(
-        mapping,
+        parser,
         label_help="obs column with known labels, matched in order to the release's label "
         "levels; labelled cells guide adaptor training and give the site's prototypes",
     )
-    mapping.add_argument("--out", required=True, type=Path, help="output .h5ad")
-    mapping.add_argument("--adaptor-out", type=Path, help="write the site's adaptor to this file")
-    mapping.add_argument("--epochs", type=int, help="override the release's mapping epochs")
-    mapping.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    mapping.add_argument(
-        "--site-id",
-        default="query",
-        help="this site's id; its batches become conditions SITE_ID/BATCH (default: query)",
-    )
-    mapping.add_argument(
+    parser.add_argument("--out", required=True, type=Path, help="output .h5ad")
+    parser.add_argument("--epochs", type=int, help="override the release's mapping epochs")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    if site_default is None:
+        parser.add_argument(
+            "--site-id", required=True, help="this site's enrolled id; batches become SITE/BATCH"
+        )
+    else:
+        parser.add_argument(
+            "--site-id",
+            default=site_default,
+            help=f"this site's id; its batches become conditions SITE_ID/BATCH ({site_default})",
+        )
+    parser.add_argument(
         "--min-gene-overlap",
         type=float,
         default=0.5,
         help="refuse if fewer than this share of the release's genes are present (0.5)",
     )
-    mapping.add_argument(
+    parser.add_argument(
         "--transfer",
         choices=("prototype", "knn"),
-        help="label transfer: nearest prototype (default) or weighted kNN on reference latents",
+        help="label transfer: nearest prototype or weighted kNN on reference latents "
+        "(default: the release's)",
     )
-    mapping.add_argument(
+    parser.add_argument(
         "--unknown-threshold", type=float, help="uncertainty above which a cell is unknown"
     )
-    mapping.add_argument(
+    parser.add_argument(
         "--min-prototype-cells",
         type=int,
         default=10,
         help="labels with fewer cells get no prototype in the adaptor (default 10)",
     )
-    mapping.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _add_signing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", required=True, type=Path, help="the site's site.key")
+
+
+def _add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    parser.add_argument("--ca", required=True, type=Path, help="the coordinator's CA certificate")
+    parser.add_argument("--client-cert", type=Path, help="client certificate (mutual TLS)")
+    parser.add_argument("--client-key", type=Path, help="client certificate's key (mutual TLS)")
+    parser.add_argument(
+        "--coordinator-key",
+        type=Path,
+        help="the coordinator's public signing key (coordinator.pub); default: pinned on "
+        "first contact",
+    )
+    parser.add_argument(
+        "--known-coordinators",
+        type=Path,
+        help="file of pinned coordinator keys (default $FEDATLAS_HOME/known_coordinators.json)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=5, help="retries of transient network errors (5)"
+    )
+
+
+# ---------------------------------------------------------------------------------- map
 def _map(args: argparse.Namespace) -> int:
-    from fedatlas.shared.annotations import annotate
     from fedatlas.shared.dataset import condition_name
     from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.h5ad import write_h5ad
-    from fedatlas.shared.mapping import map_cells
     from fedatlas.shared.release import Release
 
     release = Release.load(args.reference)
@@ -81,6 +185,30 @@ def _map(args: argparse.Namespace) -> int:
                 f"(as {args.site_id}/BATCH), so there is no adaptor to train; drop --adaptor-out "
                 "or map them as new conditions under another --site-id"
             )
+    result = _map_and_write(args, release, adata, cells)
+    adaptor_bytes = 0
+    if args.adaptor_out is not None and result.adaptor is not None:
+        adaptor_bytes = len(result.adaptor.to_bytes())
+        result.adaptor.save(args.adaptor_out)
+    payload, lines = _mapping_report(args, result)
+    payload.update(adaptor_file=str(args.adaptor_out or ""), adaptor_bytes=adaptor_bytes)
+    if result.adaptor is not None and args.adaptor_out is not None:
+        lines.append(
+            f"  adaptor         {result.adaptor.content_hash} -> {args.adaptor_out} "
+            f"({adaptor_bytes:,} bytes)"
+        )
+    print_result(payload, args.json, lines)
+    return 0
+
+
+def _map_and_write(
+    args: argparse.Namespace, release: Release, adata: AnnData, cells: CellTable
+) -> MappingResult:
+    """Map the dataset of ``args`` onto ``release`` and write the annotated copy to --out."""
+    from fedatlas.shared.annotations import annotate
+    from fedatlas.shared.h5ad import write_h5ad
+    from fedatlas.shared.mapping import map_cells
+
     result = map_cells(
         release,
         cells,
@@ -96,22 +224,21 @@ def _map(args: argparse.Namespace) -> int:
     )
     annotate(adata, result)
     write_h5ad(adata, args.out)
-    adaptor_bytes = 0
-    if args.adaptor_out is not None and result.adaptor is not None:
-        adaptor_bytes = len(result.adaptor.to_bytes())
-        result.adaptor.save(args.adaptor_out)
-    payload: dict[str, Any] = {
-        "out": str(args.out),
-        "n_cells": cells.n_cells,
-        **result.provenance(),
-        "adaptor_file": str(args.adaptor_out) if args.adaptor_out else "",
-        "adaptor_bytes": adaptor_bytes,
-    }
+    return result
+
+
+def _mapping_report(
+    args: argparse.Namespace, result: MappingResult
+) -> tuple[dict[str, Any], list[str]]:
+    """JSON payload and readable lines describing a mapping."""
+    n_cells = int(result.latent.shape[0])
+    payload: dict[str, Any] = {"out": str(args.out), "n_cells": n_cells, **result.provenance()}
+    alignment = result.alignment
     lines = [
-        f"mapped {cells.n_cells:,} cells onto release {release.content_hash}",
+        f"mapped {n_cells:,} cells onto release {result.release.content_hash}",
         f"  written to      {args.out}",
-        f"  genes           {result.alignment.n_found:,} of {result.alignment.n_release_genes:,} "
-        f"release genes present ({result.alignment.n_missing:,} zero-filled)",
+        f"  genes           {alignment.n_found:,} of {alignment.n_release_genes:,} "
+        f"release genes present ({alignment.n_missing:,} zero-filled)",
     ]
     for a in result.assignments:
         status = "known, embedded only" if a.known else "new, adaptor trained"
@@ -125,10 +252,168 @@ def _map(args: argparse.Namespace) -> int:
         lines.append(
             f"  labels ({level}) {n_unknown:,} cells unknown (uncertainty > {transfer.threshold})"
         )
-    if result.adaptor is not None and args.adaptor_out is not None:
-        lines.append(
-            f"  adaptor         {result.adaptor.content_hash} -> {args.adaptor_out} "
-            f"({adaptor_bytes:,} bytes)"
+    return payload, lines
+
+
+# ----------------------------------------------------------------------- keys and network
+def _keygen(args: argparse.Namespace) -> int:
+    from fedatlas.shared.signing import fingerprint, load_public_key, write_keypair
+
+    pair = write_keypair(args.out, "site", overwrite=args.overwrite)
+    key_id = fingerprint(load_public_key(pair.public))
+    print_result(
+        {"private_key": str(pair.private), "public_key": str(pair.public), "fingerprint": key_id},
+        args.json,
+        [
+            f"site signing key {key_id}",
+            f"  private key     {pair.private} (keep it here; mode 0600)",
+            f"  public key      {pair.public} (give it to the coordinator's operator)",
+        ],
+    )
+    return 0
+
+
+def _client(args: argparse.Namespace) -> CoordinatorClient:
+    from fedatlas.site_client.client import CoordinatorClient
+
+    return CoordinatorClient(
+        args.coordinator,
+        args.ca,
+        client_certificate=args.client_cert,
+        client_key=args.client_key,
+        retries=args.retries,
+    )
+
+
+def _pull_verified(args: argparse.Namespace, out: Path) -> tuple[Release, int]:
+    """Pull the composite, check hash and signature against the trusted key, write ``out``."""
+    from fedatlas.shared.signing import load_public_key
+    from fedatlas.site_client.trust import default_known_file, trusted_key
+
+    with _client(args) as client:
+        pulled = client.pull()
+    explicit = load_public_key(args.coordinator_key) if args.coordinator_key else None
+    key = trusted_key(
+        args.coordinator,
+        pulled.statement.coordinator_key,
+        known_file=args.known_coordinators or default_known_file(),
+        explicit=explicit,
+    )
+    pulled.statement.verify(pulled.release, key, source=f"coordinator {args.coordinator}")
+    pulled.release.save(out, overwrite=True)
+    pulled.statement.save(out)
+    return pulled.release, pulled.generation
+
+
+def _pull(args: argparse.Namespace) -> int:
+    release, generation = _pull_verified(args, args.out)
+    n_adaptors = len(release.content.get("lineage", {}).get("adaptors", []))
+    print_result(
+        {
+            "reference": str(args.out),
+            "content_hash": release.content_hash,
+            "generation": generation,
+            "adaptors": n_adaptors,
+            "conditions": release.condition_names,
+        },
+        args.json,
+        [
+            f"composite generation {generation}: {release.content_hash}",
+            f"  written to      {args.out} (signature verified)",
+            f"  conditions      {len(release.condition_names)} ({n_adaptors} site adaptors)",
+        ],
+    )
+    return 0
+
+
+def _prepare_bundle(
+    args: argparse.Namespace, release: Release, bundle_out: Path
+) -> tuple[bytes, dict[str, Any], list[str]]:
+    """Map, sign the adaptor and write the bundle file: its bytes and a report."""
+    from fedatlas.shared.bundle import make_bundle
+    from fedatlas.shared.errors import ConfigError
+    from fedatlas.shared.signing import load_signing_key
+
+    key = load_signing_key(args.key)
+    adata, cells = read_cells(args)
+    result = _map_and_write(args, release, adata, cells)
+    if result.adaptor is None:
+        raise ConfigError(
+            f"{args.data}: every batch is already a condition of the reference (as "
+            f"{args.site_id}/BATCH); there is no new adaptor to submit"
         )
+    bundle = make_bundle(result.adaptor, key)
+    bundle_out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = bundle_out.with_name(f".{bundle_out.name}.tmp")
+    tmp.write_bytes(bundle.raw)
+    tmp.replace(bundle_out)
+    payload, lines = _mapping_report(args, result)
+    payload.update(bundle=str(bundle_out), bundle_id=bundle.bundle_id, bundle_bytes=len(bundle.raw))
+    lines.append(
+        f"  bundle          {bundle.bundle_id} -> {bundle_out} ({len(bundle.raw):,} bytes)"
+    )
+    return bundle.raw, payload, lines
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from fedatlas.shared.release import Release
+
+    _, payload, lines = _prepare_bundle(args, Release.load(args.reference), args.bundle_out)
     print_result(payload, args.json, lines)
     return 0
+
+
+def _report_status(
+    status: SubmissionStatus, as_json: bool, size: int, before: dict[str, Any] | None = None
+) -> int:
+    """Print what the coordinator answered (after ``before``, a report of earlier steps)."""
+    from fedatlas.site_client.client import STATE_NAMES
+
+    state = STATE_NAMES.get(status.state, "unknown")
+    payload = {
+        **(before or {}),
+        "bundle_id": status.bundle_id,
+        "state": state,
+        "reason_code": status.reason_code,
+        "reason": status.reason,
+        "composite_generation": status.composite_generation,
+        "conditions": list(status.conditions),
+        "bundle_bytes": size,
+    }
+    lines = [f"bundle {status.bundle_id}: {state.upper()}"]
+    if state == "rejected":
+        lines.append(f"  reason          {status.reason_code}: {status.reason}")
+    elif state == "held":
+        lines.append("  waiting for the coordinator's operator to approve it")
+    else:
+        lines.append(f"  in composite    generation {status.composite_generation}")
+    lines.append(f"  conditions      {', '.join(status.conditions) or '-'}")
+    print_result(payload, as_json, lines)
+    return EXIT_REJECTED if state == "rejected" else 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from fedatlas.shared.errors import InputDataError
+
+    try:
+        raw = args.bundle.read_bytes()
+    except OSError as exc:
+        raise InputDataError(f"{args.bundle}: cannot read the bundle ({exc.strerror})") from None
+    with _client(args) as client:
+        status = client.submit(raw)
+    return _report_status(status, args.json, len(raw))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    bundle_out = args.bundle_out or args.out.with_name(args.out.name + ".bundle")
+    with tempfile.TemporaryDirectory(prefix="fedatlas-composite-") as tmp:
+        reference = args.reference_out or Path(tmp) / "composite"
+        release, generation = _pull_verified(args, reference)
+        raw, payload, lines = _prepare_bundle(args, release, bundle_out)
+    payload["pulled_generation"] = generation
+    if not args.json:
+        print(f"pulled composite generation {generation}: {release.content_hash} (verified)")
+        print("\n".join(lines))
+    with _client(args) as client:
+        status = client.submit(raw)
+    return _report_status(status, args.json, len(raw), before=payload)

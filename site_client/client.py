@@ -1,0 +1,190 @@
+"""A site's connection to the coordinator: pull the signed composite, send bundles.
+
+Every call goes over TLS, verified against the CA certificate the operator handed out. Sending
+retries transient failures (coordinator unreachable, deadline exceeded) with exponential
+backoff, always with the same bundle bytes: the coordinator answers a repeat with the recorded
+outcome, so a bundle is never registered twice nor re-sent under a new nonce.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from fedatlas.shared.bundle import BundleError, tensor_from_bytes
+from fedatlas.shared.composite import CompositeStatement
+from fedatlas.shared.errors import FedatlasError
+from fedatlas.shared.release import Release
+from fedatlas.shared.transport import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from fedatlas.v1 import coordinator_pb2 as pb
+from fedatlas.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+STATE_NAMES = {
+    pb.SUBMISSION_STATE_ACCEPTED: "accepted",
+    pb.SUBMISSION_STATE_HELD: "held",
+    pb.SUBMISSION_STATE_REJECTED: "rejected",
+}
+
+T = TypeVar("T")
+
+
+class CoordinatorError(FedatlasError):
+    """The coordinator could not be reached or refused a request."""
+
+
+@dataclass(frozen=True)
+class PulledComposite:
+    """A composite as received (its signature not yet checked against a trusted key)."""
+
+    release: Release
+    statement: CompositeStatement
+    generation: int
+    coordinator_key: bytes
+
+
+class CoordinatorClient:
+    """gRPC client of one coordinator."""
+
+    def __init__(
+        self,
+        address: str,
+        ca_certificate: Path,
+        *,
+        client_certificate: Path | None = None,
+        client_key: Path | None = None,
+        timeout: float = 120.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        try:
+            root = ca_certificate.read_bytes()
+        except OSError as exc:
+            raise CoordinatorError(
+                f"{ca_certificate}: cannot read the CA certificate ({exc.strerror})"
+            ) from None
+        chain = client_certificate.read_bytes() if client_certificate else None
+        key = client_key.read_bytes() if client_key else None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=root, private_key=key, certificate_chain=chain
+        )
+        self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> pb.HealthResponse:
+        """The coordinator's health answer."""
+        return self._call("health check", lambda: self._stub.Health(pb.HealthRequest(), timeout=10))
+
+    def pull(self) -> PulledComposite:
+        """Download the current composite and check its content hash (the caller checks the
+        signature against the key it trusts)."""
+
+        def download() -> PulledComposite:
+            header: pb.CompositeHeader | None = None
+            parts: dict[str, tuple[pb.TensorChunk, bytearray]] = {}
+            for chunk in self._stub.GetComposite(pb.GetCompositeRequest(), timeout=self.timeout):
+                if chunk.HasField("header"):
+                    header = chunk.header
+                    continue
+                piece = chunk.tensor
+                first, buffer = parts.setdefault(piece.name, (piece, bytearray()))
+                if piece.offset != len(buffer) or piece.total_bytes != first.total_bytes:
+                    raise CoordinatorError(f"composite stream: tensor {piece.name} out of order")
+                buffer.extend(piece.data)
+            if header is None:
+                raise CoordinatorError("composite stream ended without a header")
+            return _assemble(header, parts, self.address)
+
+        return self._call("pull", download)
+
+    def submit(self, bundle: bytes) -> pb.SubmissionStatus:
+        """Send serialised bundle bytes (retried unchanged on transient errors)."""
+        return self._call(
+            "submit",
+            lambda: self._stub.SubmitBundle(
+                pb.SubmitBundleRequest(bundle=bundle), timeout=self.timeout
+            ),
+        )
+
+    def status(self, bundle_id: str) -> pb.SubmissionStatus:
+        """The recorded state of a registered bundle."""
+        return self._call(
+            "status",
+            lambda: self._stub.GetSubmissionStatus(
+                pb.GetSubmissionStatusRequest(bundle_id=bundle_id), timeout=self.timeout
+            ),
+        )
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in TRANSIENT and attempt < self.retries:
+                    delay = self.backoff * 2**attempt
+                    log.warning(
+                        "%s: coordinator %s %s (%s); retrying in %.1fs",
+                        what, self.address, code.name.lower(), exc.details(), delay,
+                    )  # fmt: skip
+                    time.sleep(delay)
+                    continue
+                raise CoordinatorError(_explain(what, self.address, code, exc.details())) from None
+        raise AssertionError("unreachable")
+
+
+def _explain(what: str, address: str, code: grpc.StatusCode, details: str | None) -> str:
+    text = f"{what} at coordinator {address} failed: {code.name} ({details or 'no details'})"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        text += f"; the coordinator accepts messages of at most {MAX_MESSAGE_BYTES:,} bytes"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        text += "; check the address, that the coordinator runs, and the --ca certificate"
+    return text
+
+
+def _assemble(
+    header: pb.CompositeHeader, parts: dict[str, tuple[pb.TensorChunk, bytearray]], source: str
+) -> PulledComposite:
+    if len(parts) != header.n_tensors:
+        raise CoordinatorError(
+            f"composite stream from {source}: {len(parts)} tensors, header says {header.n_tensors}"
+        )
+    tensors = {}
+    for name, (first, buffer) in parts.items():
+        if len(buffer) != first.total_bytes:
+            raise CoordinatorError(f"composite stream from {source}: tensor {name} incomplete")
+        try:
+            tensors[name] = tensor_from_bytes(name, first.dtype, list(first.shape), bytes(buffer))
+        except BundleError as exc:
+            raise CoordinatorError(f"composite stream from {source}: {exc}") from None
+    release = Release.from_manifest(
+        header.manifest_json, tensors, source=f"composite from {source}"
+    )
+    return PulledComposite(
+        release=release,
+        statement=CompositeStatement(header.statement_json, bytes(header.signature)),
+        generation=int(header.generation),
+        coordinator_key=bytes(header.coordinator_public_key),
+    )

@@ -1,0 +1,379 @@
+"""The coordinator's registry: every rejection reason (store unchanged after each), policies,
+idempotent resubmission and composites. Real store files, real keys, real signatures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+from anndata import AnnData
+from conftest import cells_of
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedatlas.coordinator.registry import Registry, RegistryError, init_store
+from fedatlas.coordinator.verification import REASONS, Policy
+from fedatlas.shared.adaptor import Adaptor
+from fedatlas.shared.bundle import make_bundle, parse_bundle
+from fedatlas.shared.hashing import content_hash, tensor_index
+from fedatlas.shared.mapping import map_cells
+from fedatlas.shared.reference import BuildResult
+from fedatlas.shared.release import MODEL_PREFIX, Release
+from fedatlas.shared.signing import load_signing_key, write_keypair
+from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.v1 import coordinator_pb2 as pb
+
+EMBEDDING = MODEL_PREFIX + "embedding.table"
+
+
+@dataclass
+class Site:
+    site_id: str
+    key: Ed25519PrivateKey
+    public_path: Path
+
+
+@pytest.fixture(scope="module")
+def release(tiny_builds: dict[str, BuildResult]) -> Release:
+    return tiny_builds["scpoli"].release
+
+
+@pytest.fixture(scope="module")
+def site_cells(world: SyntheticWorld) -> dict[str, AnnData]:
+    """Labelled cells of two batches for site h1 and one for h2 (all four types)."""
+    return {
+        "h1": world.sample(90, batches=("b1",), seed=21),
+        "h1-second": world.sample(90, batches=("b2",), seed=22),
+        "h2": world.sample(90, batches=("b1",), seed=23),
+    }
+
+
+@pytest.fixture(scope="module")
+def adaptors(release: Release, site_cells: dict[str, AnnData]) -> dict[str, Adaptor]:
+    """Adaptors trained against the release (h1/b1, h1/b2, h2/b1)."""
+    out = {}
+    for name, adata in site_cells.items():
+        site = name.split("-")[0]
+        result = map_cells(
+            release, cells_of(adata), site_id=site, epochs=3, min_prototype_cells=10,
+            progress=False,
+        )  # fmt: skip
+        assert result.adaptor is not None
+        out[name] = result.adaptor
+    return out
+
+
+@pytest.fixture
+def registry(tmp_path: Path, release: Release) -> Iterator[Registry]:
+    init_store(tmp_path / "store", policy=Policy())
+    with Registry(tmp_path / "store") as reg:
+        reg.publish_release(release, actor="test")
+        yield reg
+
+
+@pytest.fixture
+def sites(tmp_path: Path, registry: Registry) -> dict[str, Site]:
+    out = {}
+    for site_id in ("h1", "h2", "gone"):
+        pair = write_keypair(tmp_path / "keys" / site_id, "site")
+        out[site_id] = Site(site_id, load_signing_key(pair.private), pair.public)
+        registry.store.enroll_site(site_id, _raw_public(pair.public), "", actor="test")
+    registry.store.revoke_site("gone", actor="test", reason="left the consortium")
+    return out
+
+
+def _raw_public(path: Path) -> bytes:
+    from fedatlas.shared.signing import load_public_key
+
+    return load_public_key(path)
+
+
+def resigned(
+    adaptor: Adaptor,
+    key: Ed25519PrivateKey,
+    *,
+    content: dict[str, object] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> bytes:
+    """A correctly signed bundle of a modified adaptor (content and tensor index updated)."""
+    tensors = dict(adaptor.tensors if tensors is None else tensors)
+    body = dict(adaptor.content if content is None else content)
+    body["tensors"] = tensor_index(tensors)
+    return make_bundle(Adaptor(body, tensors), key).raw
+
+
+def with_conditions(adaptor: Adaptor, names: list[str], site_id: str | None = None) -> Adaptor:
+    """The same adaptor claiming other condition names (and optionally another site)."""
+    content = dict(adaptor.content)
+    content["conditions"] = [
+        {**c, "name": n} for c, n in zip(adaptor.content["conditions"], names, strict=True)
+    ]
+    if site_id is not None:
+        content["site_id"] = site_id
+    return Adaptor(content, adaptor.tensors)
+
+
+def assert_rejected(registry: Registry, raw: bytes, code: str) -> None:
+    before = registry.store.snapshot()
+    outcome = registry.submit(raw, actor="test")
+    assert outcome.state == "rejected", outcome
+    assert outcome.reason_code == code, outcome.reason
+    assert outcome.reason  # a sentence for the site
+    assert registry.store.snapshot() == before, "a rejected bundle changed the store"
+
+
+def test_a_valid_bundle_is_accepted_into_a_new_composite(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    first = registry.store.latest_composite()
+    assert first is not None
+    assert first.generation == 1
+    outcome = registry.submit(make_bundle(adaptors["h1"], sites["h1"].key).raw, actor="test")
+    assert outcome.state == "accepted", outcome.reason
+    assert outcome.conditions == ("h1/b1",)
+    assert outcome.generation == 2
+    record, composite, statement = registry.current_composite()
+    assert record.bundle_ids == (outcome.bundle_id,)
+    assert "h1/b1" in composite.condition_names
+    statement.verify(composite, registry.public_key, source="test")
+    assert registry.store.verify_audit() == []
+
+
+def test_the_same_bytes_twice_register_once(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    raw = make_bundle(adaptors["h1"], sites["h1"].key).raw
+    first = registry.submit(raw, actor="test")
+    entries = len(registry.store.audit_entries())
+    again = registry.submit(raw, actor="test")
+    assert again == first
+    assert len(registry.store.audit_entries()) == entries
+
+
+REJECTIONS: dict[str, Callable[[Registry, dict[str, Site], dict[str, Adaptor]], bytes]] = {}
+
+
+def rejection(code: str) -> Callable[[Callable[..., bytes]], Callable[..., bytes]]:
+    def register(make: Callable[..., bytes]) -> Callable[..., bytes]:
+        REJECTIONS[f"{code}:{make.__name__}"] = make
+        return make
+
+    return register
+
+
+@rejection("oversize")
+def _larger_than_the_policy(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    raw = make_bundle(ad["h1"], sites["h1"].key).raw
+    reg.set_policy(replace(reg.policy, max_bundle_bytes=len(raw) - 1), actor="test")
+    return raw
+
+
+@rejection("malformed")
+def _not_a_bundle(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return b"\x00\x01 this is not a protobuf bundle \xff" * 3
+
+
+@rejection("malformed")
+def _truncated(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return make_bundle(ad["h1"], sites["h1"].key).raw[:-40]
+
+
+@rejection("unknown_site")
+def _unknown_site(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    stranger = with_conditions(ad["h1"], ["nobody/b1"], site_id="nobody")
+    return make_bundle(stranger, Ed25519PrivateKey.generate()).raw
+
+
+@rejection("revoked_site")
+def _revoked_site(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return make_bundle(with_conditions(ad["h1"], ["gone/b1"], "gone"), sites["gone"].key).raw
+
+
+@rejection("key_mismatch")
+def _signed_by_another_key(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return make_bundle(ad["h1"], sites["h2"].key).raw
+
+
+@rejection("bad_signature")
+def _signature_altered(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    message = parse_bundle(make_bundle(ad["h1"], sites["h1"].key).raw).message
+    message.signature = bytes([message.signature[0] ^ 1]) + message.signature[1:]
+    return message.SerializeToString()
+
+
+@rejection("bad_signature")
+def _tensor_altered(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    message = parse_bundle(make_bundle(ad["h1"], sites["h1"].key).raw).message
+    tensor = message.tensors[0]
+    tensor.data = bytes([tensor.data[0] ^ 1]) + tensor.data[1:]
+    return message.SerializeToString()
+
+
+@rejection("bad_signature")
+def _site_id_altered(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    message = parse_bundle(make_bundle(ad["h2"], sites["h2"].key).raw).message
+    message.site_id = "h1"  # claims to be h1, still carries h2's signature
+    message.signer_public_key = parse_bundle(
+        make_bundle(ad["h1"], sites["h1"].key).raw
+    ).message.signer_public_key
+    return message.SerializeToString()
+
+
+@rejection("replayed_nonce")
+def _nonce_reused(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    first = make_bundle(ad["h1"], sites["h1"].key)
+    assert reg.submit(first.raw, actor="test").state == "accepted"
+    return make_bundle(ad["h1-second"], sites["h1"].key, nonce=first.nonce).raw
+
+
+@rejection("wrong_release")
+def _other_release(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    content = {**ad["h1"].content, "release_id": content_hash({"some": "other release"})}
+    return resigned(ad["h1"], sites["h1"].key, content=content)
+
+
+@rejection("condition_owned")
+def _condition_of_another_site(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    assert reg.submit(make_bundle(ad["h1"], sites["h1"].key).raw, actor="test").state == "accepted"
+    return make_bundle(with_conditions(ad["h2"], ["h1/b1"]), sites["h2"].key).raw
+
+
+@rejection("condition_owned")
+def _condition_of_the_release(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    name = reg.current_release().condition_names[0]
+    return make_bundle(with_conditions(ad["h2"], [name]), sites["h2"].key).raw
+
+
+@rejection("condition_owned")
+def _condition_outside_namespace(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    return make_bundle(with_conditions(ad["h2"], ["h1/never-used"]), sites["h2"].key).raw
+
+
+@rejection("bad_tensors")
+def _tensor_missing(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = {k: v for k, v in ad["h1"].tensors.items() if k != EMBEDDING}
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("bad_tensors")
+def _tensor_wrong_shape(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = dict(ad["h1"].tensors)
+    tensors[EMBEDDING] = torch.zeros(1, tensors[EMBEDDING].shape[1] + 1)
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("bad_tensors")
+def _tensor_wrong_dtype(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = dict(ad["h1"].tensors)
+    tensors[EMBEDDING] = tensors[EMBEDDING].double()
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("non_finite")
+def _nan(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = dict(ad["h1"].tensors)
+    tensors[EMBEDDING] = tensors[EMBEDDING].clone()
+    tensors[EMBEDDING][0, 0] = float("nan")
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("non_finite")
+def _inf_prototype(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = dict(ad["h1"].tensors)
+    tensors["prototypes.0.mean"] = tensors["prototypes.0.mean"].clone()
+    tensors["prototypes.0.mean"][0, 0] = float("inf")
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("norm_outlier")
+def _huge_embedding(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = dict(ad["h1"].tensors)
+    tensors[EMBEDDING] = tensors[EMBEDDING] * 1e4
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("small_prototype")
+def _prototype_of_few_cells(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    tensors = dict(ad["h1"].tensors)
+    tensors["prototypes.0.count"] = tensors["prototypes.0.count"].clone()
+    tensors["prototypes.0.count"][0] = 3
+    return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+def test_every_reason_code_has_a_rejection_test() -> None:
+    assert {case.split(":")[0] for case in REJECTIONS} == set(REASONS)
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_rejection_leaves_the_store_unchanged(
+    case: str, registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    raw = REJECTIONS[case](registry, sites, adaptors)
+    assert_rejected(registry, raw, case.split(":")[0])
+    assert registry.store.verify_audit() == []
+
+
+def test_held_bundles_wait_for_the_operator(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    registry.set_policy(replace(registry.policy, approval="hold"), actor="test")
+    held = registry.submit(make_bundle(adaptors["h1"], sites["h1"].key).raw, actor="test")
+    other = registry.submit(make_bundle(adaptors["h2"], sites["h2"].key).raw, actor="test")
+    assert (held.state, other.state) == ("held", "held")
+    assert registry.store.latest_composite().generation == 1  # type: ignore[union-attr]
+    # a held bundle already reserves its conditions
+    taken = make_bundle(with_conditions(adaptors["h1-second"], ["h1/b1"]), sites["h1"].key)
+    assert registry.submit(taken.raw, actor="test").reason_code == "condition_owned"
+
+    approved = registry.decide(held.bundle_id, "accepted", actor="admin", reason="looks fine")
+    assert approved.state == "accepted"
+    assert approved.generation == 2
+    rejected = registry.decide(other.bundle_id[:20], "rejected", actor="admin", reason="no")
+    assert rejected.state == "rejected"
+    record, composite, _ = registry.current_composite()
+    assert record.bundle_ids == (held.bundle_id,)
+    assert "h2/b1" not in composite.condition_names
+    with pytest.raises(RegistryError, match="held"):
+        registry.decide(held.bundle_id, "rejected", actor="admin", reason="too late")
+    # the rejected bundle's condition is free again
+    again = registry.submit(make_bundle(adaptors["h2"], sites["h2"].key).raw, actor="test")
+    assert again.state == "held"
+    assert registry.store.verify_audit() == []
+
+
+def test_a_new_release_refuses_bundles_for_the_old_one(
+    registry: Registry,
+    sites: dict[str, Site],
+    adaptors: dict[str, Adaptor],
+    tiny_builds: dict[str, BuildResult],
+) -> None:
+    assert registry.submit(make_bundle(adaptors["h1"], sites["h1"].key).raw, actor="t").state == (
+        "accepted"
+    )
+    newer = tiny_builds["scarches"].release
+    composite = registry.publish_release(newer, actor="test")
+    assert composite.bundle_ids == ()
+    assert composite.base_release_id == newer.content_hash
+    outcome = registry.submit(make_bundle(adaptors["h1-second"], sites["h1"].key).raw, actor="t")
+    assert outcome.reason_code == "wrong_release"
+
+
+def test_status_messages_carry_the_outcome(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    from fedatlas.coordinator.server import status_message
+
+    outcome = registry.submit(make_bundle(adaptors["h1"], sites["h1"].key).raw, actor="test")
+    message = status_message(outcome)
+    assert message.state == pb.SUBMISSION_STATE_ACCEPTED
+    assert message.composite_generation == 2
+    assert registry.status(outcome.bundle_id) == outcome
+    assert registry.status("sha256:" + "0" * 64) is None
