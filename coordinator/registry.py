@@ -151,6 +151,11 @@ class Registry:
         self._adaptors: dict[str, Adaptor] = {}
         self._releases: dict[str, Release] = {}
         self._materialized: tuple[int, Release] | None = None
+        # composite index: content hashes per base release, first generation of each bundle
+        self._indexed = 0
+        self._composites_of: dict[str, list[str]] = {}
+        self._first_generation: dict[str, int] = {}
+        self._reference: tuple[tuple[str, int], Reference] | None = None
 
     def close(self) -> None:
         """Close the store."""
@@ -214,17 +219,27 @@ class Registry:
 
     def reference(self) -> Reference:
         """What bundles are verified against: the current release and its composites' ids."""
-        release = self.current_release()
-        ids = []
+        with self._lock:
+            release = self.current_release()
+            self._index_composites()
+            ids = self._composites_of.get(release.content_hash, [])
+            key = (release.content_hash, len(ids))
+            if self._reference is None or self._reference[0] != key:
+                self._reference = (key, Reference.of(release, ids))
+            return self._reference[1]
+
+    def _index_composites(self) -> None:
+        """Bring the composite index up to the latest generation (composites only append);
+        the caller holds the lock."""
         latest = self.store.latest_composite()
-        generation = latest.generation if latest else 0
-        while generation > 0:
+        for generation in range(self._indexed + 1, (latest.generation if latest else 0) + 1):
             record = self.store.get_composite(generation)
-            if record is None or record.base_release_id != release.content_hash:
-                break
-            ids.append(record.content_hash)
-            generation -= 1
-        return Reference.of(release, ids)
+            if record is None:
+                raise RegistryError(f"composite generation {generation} is missing from the store")
+            self._composites_of.setdefault(record.base_release_id, []).append(record.content_hash)
+            for bundle_id in record.bundle_ids:
+                self._first_generation.setdefault(bundle_id, generation)
+            self._indexed = generation
 
     # ------------------------------------------------------------------ bundles
     def submit(self, raw: bytes, *, actor: str) -> Outcome:
@@ -234,42 +249,50 @@ class Registry:
         twice); a rejected bundle leaves the store unchanged.
         """
         bundle_id = digest(raw)
-        with self._lock:
-            existing = self.store.get_bundle(bundle_id)
-            if existing is not None:
-                return Outcome.of(existing, self.generation_of(bundle_id))
-            policy = self.policy
-            try:
-                verified = verify_bundle(raw, self.store, self.reference(), policy)
-            except Rejection as rejection:
-                log.info("rejected bundle %s: %s", bundle_id[:19], rejection)
-                return Outcome(
-                    bundle_id, "rejected", _claimed_site(raw), rejection.code, rejection.message
-                )
-            state = "accepted" if policy.approval == "auto" else "held"
-            record = BundleRecord(
-                bundle_id=bundle_id,
-                site_id=verified.site.site_id,
-                release_id=verified.bundle.message.release_id,
-                nonce=verified.bundle.nonce,
-                conditions=tuple(verified.adaptor.condition_names),
-                state=state,
-                blob=raw,
-                received_at=utc_now(),
-                decided_at=utc_now() if state == "accepted" else "",
-                decided_by="policy: auto-accept" if state == "accepted" else "",
-                reason="",
-            )
+        existing = self.store.get_bundle(bundle_id)
+        if existing is not None:
+            return Outcome.of(existing, self.generation_of(bundle_id))
+        # Checks and registration run concurrently across requests: the store's constraints
+        # settle races (a condition or nonce taken meanwhile is reported as such below).
+        policy = self.policy
+        try:
+            verified = verify_bundle(raw, self.store, self.reference(), policy)
+        except Rejection as rejection:
+            return _rejected(bundle_id, raw, rejection)
+        state = "accepted" if policy.approval == "auto" else "held"
+        record = BundleRecord(
+            bundle_id=bundle_id,
+            site_id=verified.site.site_id,
+            release_id=verified.bundle.message.release_id,
+            nonce=verified.bundle.nonce,
+            conditions=tuple(verified.adaptor.condition_names),
+            state=state,
+            blob=raw,
+            received_at=utc_now(),
+            decided_at=utc_now() if state == "accepted" else "",
+            decided_by="policy: auto-accept" if state == "accepted" else "",
+            reason="",
+        )
+        try:
             self.store.add_bundle(record, actor=actor)
-            self._adaptors[bundle_id] = verified.adaptor
-            log.info("registered bundle %s from %s: %s", bundle_id[:19], record.site_id, state)
-            generation = 0
-            if state == "accepted":
-                composite = self.ensure_composite(actor=actor)
-                generation = composite.generation if composite else 0
-            stored = self.store.get_bundle(bundle_id)
-            assert stored is not None
-            return Outcome.of(stored, generation)
+        except StoreError:
+            existing = self.store.get_bundle(bundle_id)
+            if existing is not None:  # the same bytes arrived twice at once
+                return Outcome.of(existing, self.generation_of(bundle_id))
+            try:  # another request took a condition or the nonce since the checks: say which
+                verify_bundle(raw, self.store, self.reference(), policy)
+            except Rejection as rejection:
+                return _rejected(bundle_id, raw, rejection)
+            raise
+        self._adaptors[bundle_id] = verified.adaptor
+        log.info("registered bundle %s from %s: %s", bundle_id[:19], record.site_id, state)
+        if state == "accepted":
+            # Whoever composes next includes every bundle accepted so far, so concurrent
+            # submissions share one rebuild instead of queueing one each.
+            self.ensure_composite(actor=actor)
+        stored = self.store.get_bundle(bundle_id)
+        assert stored is not None
+        return Outcome.of(stored, self.generation_of(bundle_id))
 
     def decide(self, bundle_id: str, state: str, *, actor: str, reason: str) -> Outcome:
         """Approve (``accepted``) or reject a held bundle; approval rebuilds the composite."""
@@ -305,16 +328,9 @@ class Registry:
 
     def generation_of(self, bundle_id: str) -> int:
         """The first composite generation holding ``bundle_id`` (0: none)."""
-        latest = self.store.latest_composite()
-        if latest is None or bundle_id not in latest.bundle_ids:
-            return 0
-        generation = latest.generation
-        while generation > 1:
-            previous = self.store.get_composite(generation - 1)
-            if previous is None or bundle_id not in previous.bundle_ids:
-                break
-            generation -= 1
-        return generation
+        with self._lock:
+            self._index_composites()
+            return self._first_generation.get(bundle_id, 0)
 
     def adaptor(self, bundle_id: str) -> Adaptor:
         """The adaptor of a stored bundle (parsed once)."""
@@ -400,6 +416,11 @@ class Registry:
                 self._materialized = (record.generation, composite)
             statement = CompositeStatement(record.statement_json, record.signature)
             return record, self._materialized[1], statement
+
+
+def _rejected(bundle_id: str, raw: bytes, rejection: Rejection) -> Outcome:
+    log.info("rejected bundle %s: %s", bundle_id[:19], rejection)
+    return Outcome(bundle_id, "rejected", _claimed_site(raw), rejection.code, rejection.message)
 
 
 def _claimed_site(raw: bytes) -> str:

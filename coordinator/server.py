@@ -88,7 +88,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def SubmitBundle(self, request: pb.SubmitBundleRequest, context: Any) -> pb.SubmissionStatus:
         """Verify and register a bundle; the answer says accepted, held or rejected (why)."""
-        outcome = self.registry.submit(bytes(request.bundle), actor=f"grpc {context.peer()}")
+        try:
+            outcome = self.registry.submit(bytes(request.bundle), actor=f"grpc {context.peer()}")
+        except FedatlasError as exc:  # e.g. no release published yet
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return status_message(outcome)
 
     def GetSubmissionStatus(

@@ -137,6 +137,23 @@ class CoordinatorClient:
             ),
         )
 
+    def list_adaptors(self, site_id: str = "") -> list[pb.SubmissionStatus]:
+        """Registered bundles (of one site when ``site_id`` is given)."""
+        response = self._call(
+            "list adaptors",
+            lambda: self._stub.ListAdaptors(
+                pb.ListAdaptorsRequest(site_id=site_id), timeout=self.timeout
+            ),
+        )
+        return list(response.adaptors)
+
+    def list_sites(self) -> list[pb.SiteInfo]:
+        """Enrolled and revoked sites."""
+        response = self._call(
+            "list sites", lambda: self._stub.ListSites(pb.ListSitesRequest(), timeout=self.timeout)
+        )
+        return list(response.sites)
+
     def _call(self, what: str, call: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
             try:

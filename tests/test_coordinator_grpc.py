@@ -89,6 +89,15 @@ def test_submit_pull_and_map_with_the_composite(
         assert submitted["composite_generation"] == 2
         assert (tmp_path / "h1.out.h5ad.bundle").stat().st_size == submitted["bundle_bytes"]
 
+        with CoordinatorClient(coordinator.address, store / "ca.pem") as client:
+            status = client.status(submitted["bundle_id"])
+            assert (status.state, status.composite_generation) == (1, 2)  # accepted, in gen. 2
+            assert [a.bundle_id for a in client.list_adaptors("h1")] == [submitted["bundle_id"]]
+            assert client.list_adaptors("h2") == []
+            sites = {s.site_id: (s.status, s.n_adaptors) for s in client.list_sites()}
+            assert sites == {"h1": ("enrolled", 1), "h2": ("enrolled", 0)}
+            with pytest.raises(CoordinatorError, match="NOT_FOUND"):
+                client.status("sha256:" + "0" * 64)
         third = tmp_path / "third-party"
         pulled = fedatlas_json(
             "site", "pull", *site_args(store, coordinator.address, third), "--out",

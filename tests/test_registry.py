@@ -14,6 +14,7 @@ from conftest import cells_of
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedatlas.coordinator.registry import Registry, RegistryError, init_store
+from fedatlas.coordinator.store import BundleRecord
 from fedatlas.coordinator.verification import REASONS, Policy
 from fedatlas.shared.adaptor import Adaptor
 from fedatlas.shared.bundle import make_bundle, parse_bundle
@@ -377,3 +378,25 @@ def test_status_messages_carry_the_outcome(
     assert message.composite_generation == 2
     assert registry.status(outcome.bundle_id) == outcome
     assert registry.status("sha256:" + "0" * 64) is None
+
+
+def test_a_condition_taken_by_another_process_meanwhile_is_a_rejection(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    rival = make_bundle(adaptors["h1"], sites["h1"].key)  # condition h1/b1
+    mine = make_bundle(with_conditions(adaptors["h1-second"], ["h1/b1"]), sites["h1"].key)
+    original = registry.store.add_bundle
+
+    def racing_add(record: BundleRecord, *, actor: str) -> BundleRecord:
+        # a second coordinator process registers the rival between our checks and our write
+        with Registry(registry.layout.root) as other:
+            assert other.submit(rival.raw, actor="other process").state == "accepted"
+        return original(record, actor=actor)
+
+    registry.store.add_bundle = racing_add  # type: ignore[method-assign]
+    outcome = registry.submit(mine.raw, actor="test")
+    assert outcome.state == "rejected"
+    assert outcome.reason_code == "condition_owned"
+    assert "h1/b1" in outcome.reason
+    assert [b.bundle_id for b in registry.store.list_bundles()] == [rival.bundle_id]
+    assert registry.store.verify_audit() == []
