@@ -90,9 +90,9 @@ def log_normalize(counts: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
     return out
 
 
-def _entry_rows(counts: sp.csr_matrix) -> NDArray[np.intp]:
-    """Row index of every stored entry of a CSR matrix."""
-    return np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+def _per_entry(row_values: NDArray[Any], counts: sp.csr_matrix) -> NDArray[Any]:
+    """``row_values`` (one per row) repeated for every stored entry of that row of ``counts``."""
+    return np.repeat(row_values, np.diff(counts.indptr))
 
 
 def _log_normalized_values(
@@ -100,7 +100,8 @@ def _log_normalized_values(
 ) -> NDArray[np.float32]:
     """log1p(count / library * target_sum) of every stored entry (cells without counts: 0)."""
     factor = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    return np.log1p(counts.data * factor[_entry_rows(counts)]).astype(np.float32)
+    values = counts.data * _per_entry(factor.astype(np.float32), counts)
+    return np.log1p(values, out=values).astype(np.float32, copy=False)
 
 
 def select_highly_variable_genes(
@@ -178,15 +179,17 @@ def _normalized_dispersion(lognorm: sp.csr_matrix) -> NDArray[np.float64]:
 
 
 def maxabs_scales(
-    lognorm: sp.csr_matrix, conditions: NDArray[np.int64], n_conditions: int
+    counts: sp.csr_matrix, conditions: NDArray[np.int64], n_conditions: int, target_sum: float
 ) -> NDArray[np.float32]:
-    """Per-condition, per-gene maximum of the log-normalised values (1 where a gene is absent),
-    for SCALEX's per-batch MaxAbs scaling."""
-    scales = np.ones((n_conditions, lognorm.shape[1]), dtype=np.float32)
-    for c in np.unique(conditions):
-        block = lognorm[conditions == c]
-        peak = np.asarray(block.max(axis=0).todense()).ravel()
-        scales[c] = np.where(peak > 0, peak, 1.0)
+    """Per-condition, per-gene maximum of the log-normalised values of raw ``counts`` (1 where
+    a gene is absent), for SCALEX's per-batch MaxAbs scaling. One pass over the stored
+    entries; no normalised copy of the matrix is made."""
+    values = _log_normalized_values(counts, library_sizes(counts), target_sum)
+    flat = np.zeros(n_conditions * counts.shape[1], dtype=np.float32)  # log1p(x) >= 0
+    slots = _per_entry(conditions.astype(np.int64) * counts.shape[1], counts) + counts.indices
+    np.maximum.at(flat, slots, values)
+    scales = flat.reshape(n_conditions, counts.shape[1])
+    scales[scales <= 0] = 1.0
     return scales
 
 
@@ -211,6 +214,6 @@ def model_input(
     if recipe.input_transform == "log_normalized_maxabs":
         if scales is None or scale_index is None:
             raise ValueError("per-batch MaxAbs scales are required by this recipe")
-        values /= scales[scale_index[_entry_rows(counts)], counts.indices]
+        values /= scales[_per_entry(scale_index, counts), counts.indices]
     dense = sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray()
     return torch.from_numpy(dense)

@@ -28,7 +28,6 @@ from fedatlas.shared.nn.mmd import mmd_across_conditions
 from fedatlas.shared.nn.vae import CondVAE
 from fedatlas.shared.preprocessing import (
     library_sizes,
-    log_normalize,
     maxabs_scales,
     model_input,
 )
@@ -72,7 +71,7 @@ class TrainingData:
         if recipe.input_transform != "log_normalized_maxabs":
             return cls(counts, conditions, targets)
         n_rows = int(conditions.max()) + 1 if conditions.size else 0
-        scales = maxabs_scales(log_normalize(counts, recipe.target_sum), conditions, n_rows)
+        scales = maxabs_scales(counts, conditions, n_rows, recipe.target_sum)
         return cls(counts, conditions, targets, scales, conditions)
 
     @property

@@ -90,8 +90,11 @@ def test_model_input_matches_log_normalisation() -> None:
         np.log1p(counts.toarray()),
         rtol=1e-6,
     )
-    scales = maxabs_scales(log_normalize(counts, 100), np.array([0, 0, 1]), 2)
+    scales = maxabs_scales(counts, np.array([0, 0, 1]), 2, 100)
     assert scales.shape == (2, 3)
+    lognorm = log_normalize(counts, 100).toarray()
+    np.testing.assert_allclose(scales[0], [lognorm[:2, 0].max(), lognorm[:2, 1].max(), 1.0])
+    np.testing.assert_allclose(scales[1], [lognorm[2, 0], 1.0, lognorm[2, 2]])
     assert np.all(scales > 0)
     maxabs = PreprocessingRecipe(target_sum=100, input_transform="log_normalized_maxabs")
     scaled = model_input(counts, library, maxabs, scales, np.array([0, 0, 1])).numpy()
