@@ -356,3 +356,26 @@ def _flip_last_blob_byte(connection: sqlite3.Connection) -> None:
     bundle_id, blob = connection.execute("SELECT bundle_id, blob FROM bundles").fetchone()
     edited = blob[:-1] + bytes([blob[-1] ^ 1])
     connection.execute("UPDATE bundles SET blob = ? WHERE bundle_id = ?", (edited, bundle_id))
+
+
+def test_operator_and_protocol_refusals_are_readable(tmp_path: Path, store: Path) -> None:
+    empty = tmp_path / "empty"
+    assert main(["-q", "admin", "init", "--store", str(empty)]) == 0
+    assert main(["-q", "admin", "init", "--store", str(empty)]) == 2  # not over an existing one
+    again = fedatlas("admin", "site", "enroll", "--store", str(store), "--site-id", "h1",
+                     "--public-key", str(tmp_path / "h2" / "site.pub"), check=False)  # fmt: skip
+    assert again.returncode == 2
+    assert "h1" in again.stderr
+    missing = fedatlas("admin", "composite", "show", "--store", str(tmp_path / "nowhere"),
+                       check=False)  # fmt: skip
+    assert missing.returncode == 2
+    assert "admin init" in missing.stderr
+    with (
+        Coordinator(empty) as coordinator,
+        CoordinatorClient(coordinator.address, empty / "ca.pem", retries=0) as client,
+    ):
+        with pytest.raises(CoordinatorError, match=r"FAILED_PRECONDITION.*no reference release"):
+            client.pull()
+        with pytest.raises(CoordinatorError, match=r"FAILED_PRECONDITION.*no reference release"):
+            client.submit(b"anything")
+        assert client.health().composite_generation == 0
