@@ -208,7 +208,15 @@ def _register_store_sections(sections: Any) -> None:
     site = _section(sections, "site", "enrolled sites", "enroll,revoke,list")
     enroll = _store_command(site, "enroll", _enroll, "enrol a site with its public key")
     enroll.add_argument("--site-id", required=True, help="the site's id (never reused)")
-    enroll.add_argument("--public-key", required=True, type=Path, help="the site's site.pub")
+    enroll.add_argument(
+        "--public-key",
+        required=True,
+        type=Path,
+        help="the site's site.pub; flower_node.pub beside it is enrolled as its Flower node key",
+    )
+    enroll.add_argument(
+        "--node-public-key", type=Path, help="the site's Flower node key, if kept elsewhere"
+    )
     revoke = _store_command(site, "revoke", _revoke, "revoke a site: its bundles are refused")
     revoke.add_argument("--site-id", required=True)
     revoke.add_argument("--reason", default="revoked by the operator", help="recorded reason")
@@ -317,15 +325,27 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from fedatlas.shared.signing import fingerprint, load_public_key
+    from fedatlas.shared.signing import (
+        NODE_KEY_STEM,
+        fingerprint,
+        load_node_public_key,
+        load_public_key,
+    )
 
     key = load_public_key(args.public_key)
+    node_path = args.node_public_key or args.public_key.with_name(f"{NODE_KEY_STEM}.pub")
+    # an explicit --node-public-key must exist; the sibling of site.pub is optional
+    node_key = load_node_public_key(node_path) if args.node_public_key or node_path.exists() else ""
     with _registry(args) as registry:
-        _store_call(lambda: registry.store.enroll_site(args.site_id, key, "", actor="admin"))
+        _store_call(lambda: registry.store.enroll_site(args.site_id, key, node_key, actor="admin"))
+    node_text = f"{node_key[:44]}..." if node_key else f"none ({node_path} is absent)"
     print_result(
-        {"site_id": args.site_id, "key_fingerprint": fingerprint(key)},
+        {"site_id": args.site_id, "key_fingerprint": fingerprint(key), "node_key": node_key},
         args.json,
-        [f"enrolled site {args.site_id!r} with key {fingerprint(key)}"],
+        [
+            f"enrolled site {args.site_id!r} with key {fingerprint(key)}",
+            f"  Flower node key {node_text}",
+        ],
     )
     return 0
 

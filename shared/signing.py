@@ -1,8 +1,9 @@
-"""Ed25519 keys and signatures: how sites sign bundles and the coordinator signs composites.
+"""Keys and signatures: Ed25519 for bundles and composites, and a site's Flower node key.
 
 Private keys are PKCS#8 PEM files readable only by their owner (mode 0600; looser files are
 refused, as ssh does); public keys are SubjectPublicKeyInfo PEM files. On the wire a public key
-is its raw 32 bytes.
+is its raw 32 bytes. A site's Flower SuperNode authenticates with its own key pair, EC P-384 in
+OpenSSH format (what Flower's SuperNode authentication expects), kept beside the signing key.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedatlas.shared.errors import FedatlasError
 
 PUBLIC_KEY_BYTES = 32
+NODE_KEY_STEM = "flower_node"  # KEYDIR/flower_node.key and .pub beside KEYDIR/site.key
+NODE_KEY_TYPE = "ecdsa-sha2-nistp384"
 
 
 class KeyFileError(FedatlasError):
@@ -70,6 +74,40 @@ def write_keypair(directory: Path, stem: str, *, overwrite: bool = False) -> Key
         )
     )
     return pair
+
+
+def write_node_keypair(directory: Path, *, overwrite: bool = False) -> KeyPair:
+    """Generate a site's Flower node key pair (EC P-384, OpenSSH format) in ``directory``."""
+    pair = KeyPair(directory / f"{NODE_KEY_STEM}.key", directory / f"{NODE_KEY_STEM}.pub")
+    for path in (pair.private, pair.public):
+        if path.exists() and not overwrite:
+            raise KeyFileError(f"{path}: already exists; refusing to replace a key")
+    key = ec.generate_private_key(ec.SECP384R1())
+    write_private_file(
+        pair.private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    pair.public.write_bytes(public + b"\n")
+    return pair
+
+
+def load_node_public_key(path: Path) -> str:
+    """A Flower node public key (one ``ecdsa-sha2-nistp384 ...`` OpenSSH line), validated."""
+    text = _read(path, "node public key").decode("ascii", errors="replace").strip()
+    try:
+        key = serialization.load_ssh_public_key(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise KeyFileError(f"{path}: not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
+        raise KeyFileError(f"{path}: a {NODE_KEY_TYPE} (EC P-384) key is expected")
+    return text
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:

@@ -51,8 +51,10 @@ def register(groups: Any, name: str, help_text: str) -> None:
 
     keygen = add_subcommand(
         commands, "keygen", _keygen, "make this site's signing key pair",
-        "Writes DIR/site.key (Ed25519, readable by its owner only) and DIR/site.pub; give "
-        "site.pub to the coordinator's operator to enrol the site.",
+        "Writes DIR/site.key (Ed25519, signs bundles; readable by its owner only) and "
+        "DIR/site.pub, and the Flower SuperNode key pair DIR/flower_node.key and "
+        "flower_node.pub (EC P-384, OpenSSH). Give site.pub (flower_node.pub beside it is "
+        "enrolled with it) to the coordinator's operator.",
     )  # fmt: skip
     keygen.add_argument("--out", required=True, type=Path, help="directory for the keys")
     keygen.add_argument("--overwrite", action="store_true", help="replace existing keys")
@@ -257,17 +259,30 @@ def _mapping_report(
 
 # ----------------------------------------------------------------------- keys and network
 def _keygen(args: argparse.Namespace) -> int:
-    from fedatlas.shared.signing import fingerprint, load_public_key, write_keypair
+    from fedatlas.shared.signing import (
+        fingerprint,
+        load_public_key,
+        write_keypair,
+        write_node_keypair,
+    )
 
     pair = write_keypair(args.out, "site", overwrite=args.overwrite)
+    node = write_node_keypair(args.out, overwrite=args.overwrite)
     key_id = fingerprint(load_public_key(pair.public))
     print_result(
-        {"private_key": str(pair.private), "public_key": str(pair.public), "fingerprint": key_id},
+        {
+            "private_key": str(pair.private),
+            "public_key": str(pair.public),
+            "fingerprint": key_id,
+            "node_private_key": str(node.private),
+            "node_public_key": str(node.public),
+        },
         args.json,
         [
             f"site signing key {key_id}",
             f"  private key     {pair.private} (keep it here; mode 0600)",
             f"  public key      {pair.public} (give it to the coordinator's operator)",
+            f"  Flower node key {node.private} (0600) and {node.public}, enrolled with site.pub",
         ],
     )
     return 0
