@@ -9,6 +9,7 @@ directory (``--store``): ``init`` creates it; ``release``, ``site``, ``adaptors`
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -504,10 +505,8 @@ def _show_composite(args: argparse.Namespace) -> int:
         record = registry.store.latest_composite()
         if record is None:
             raise RegistryError(f"{args.store}: no composite yet (admin release publish)")
-        labels = {
-            level: len(entry["labels"])
-            for level, entry in registry.current_composite()[1].content["prototypes"].items()
-        }
+        prototypes = json.loads(record.manifest_json)["content"]["prototypes"]
+        labels = {level: len(entry["labels"]) for level, entry in prototypes.items()}
     info = {
         "generation": record.generation,
         "content_hash": record.content_hash,

@@ -226,7 +226,11 @@ class Release(Artifact):
             tensors = safetensors.torch.load_file(str(weights_path))
         except Exception as exc:  # safetensors raises several types for damaged files
             raise ReleaseError(f"{weights_path}: cannot be read ({exc})") from None
-        return cls.from_manifest(manifest_path.read_text(), tensors, source=str(root))
+        try:
+            manifest_text = manifest_path.read_text()
+        except UnicodeDecodeError as exc:
+            raise ReleaseError(f"{manifest_path}: malformed manifest ({exc})") from None
+        return cls.from_manifest(manifest_text, tensors, source=str(root))
 
     @classmethod
     def from_bytes(cls, manifest_json: str, weights: bytes, *, source: str) -> Release:
