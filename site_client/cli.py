@@ -31,7 +31,7 @@ def register(groups: Any, name: str, help_text: str) -> None:
     """Add the ``site`` command group."""
     site = groups.add_parser(name, help=help_text, description=help_text)
     commands = site.add_subparsers(
-        dest="site_command", metavar="{map,keygen,pull,prepare,send,submit}"
+        dest="site_command", metavar="{map,keygen,pull,prepare,send,submit,node}"
     )
     commands.required = True
     mapping = add_subcommand(
@@ -101,6 +101,34 @@ def register(groups: Any, name: str, help_text: str) -> None:
     submit.add_argument(
         "--reference-out", type=Path, help="keep the pulled composite in this directory"
     )
+
+    node = add_subcommand(
+        commands, "node", _node, "run this site's Flower SuperNode for adaptor campaigns",
+        "flower-supernode that connects out to the SuperLink (TLS, authenticated with "
+        "KEYDIR/flower_node.key beside --key). In a campaign it trains this site's adaptor on "
+        "--data and answers with the signed bundle; the data path and keys stay in this "
+        "node's own configuration. Stops with its children on SIGTERM or Ctrl-C.",
+    )  # fmt: skip
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--ca", required=True, type=Path, help="the coordinator's CA certificate")
+    node.add_argument("--site-id", required=True, help="this site's enrolled id")
+    _add_signing_arguments(node)
+    node.add_argument("--data", required=True, type=Path, help=".h5ad file with raw counts")
+    node.add_argument("--batch-key", required=True, help="obs column with each cell's batch")
+    node.add_argument("--label-key", default="", help="obs column with known labels")
+    node.add_argument("--out", type=Path, help="also write the mapped cells to this .h5ad")
+    node.add_argument(
+        "--coordinator-key", type=Path, help="coordinator.pub (default: pinned on first contact)"
+    )
+    node.add_argument(
+        "--known-coordinators",
+        type=Path,
+        help="file of pinned coordinator keys (default $FEDATLAS_HOME/known_coordinators.json)",
+    )
+    node.add_argument(
+        "--port", type=int, default=9094, help="the node's local Flower API port (9094)"
+    )
+    node.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str | None) -> None:
@@ -432,3 +460,46 @@ def _submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.submit(raw)
     return _report_status(status, args.json, len(raw), before=payload)
+
+
+def _node(args: argparse.Namespace) -> int:
+    import json
+    import signal
+    import subprocess
+    import threading
+
+    from fedatlas.shared.flower import flower_bin, flower_env, stop
+    from fedatlas.shared.signing import NODE_KEY_STEM, load_signing_key
+    from fedatlas.site_client.trust import default_known_file
+
+    load_signing_key(args.key)  # refuse a missing or unsafe key before anything starts
+    node_key = args.key.with_name(f"{NODE_KEY_STEM}.key")
+    settings = {
+        "site-id": args.site_id,
+        "data": str(args.data.resolve()),
+        "batch-key": args.batch_key,
+        "label-key": args.label_key,
+        "key": str(args.key.resolve()),
+        "out": str(args.out.resolve()) if args.out else "",
+        "coordinator-key": str(args.coordinator_key.resolve()) if args.coordinator_key else "",
+        "superlink": args.superlink,
+        "known-coordinators": str((args.known_coordinators or default_known_file()).resolve()),
+        "seed": args.seed,
+    }
+    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    home = args.key.resolve().parent / "flower-home"
+    process = subprocess.Popen(
+        [flower_bin("flower-supernode"), "--root-certificates", str(args.ca),
+         "--superlink", args.superlink, "--port", str(args.port),
+         "--auth-supernode-private-key", str(node_key), "--node-config", node_config],
+        env=flower_env(home),
+    )  # fmt: skip
+    print(f"supernode of site {args.site_id} connecting to {args.superlink}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        if process.poll() is not None:
+            return 1 if process.returncode else 0
+    stop(process)
+    return 0

@@ -1,0 +1,1 @@
+"""fedatlas' Flower app: the adaptor campaign (see fedatlas.coordinator.campaign)."""

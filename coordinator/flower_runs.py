@@ -1,0 +1,111 @@
+"""The coordinator's Flower processes: the SuperLink beside the store, and campaigns on it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedatlas.coordinator.registry import StoreLayout
+from fedatlas.coordinator.store import SQLiteStore
+from fedatlas.shared.flower import (
+    CONNECTION,
+    FlowerError,
+    flower_bin,
+    flower_env,
+    flwr,
+    wait_healthy,
+    write_connection,
+)
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent / "flower_app"
+
+
+def flower_dir(store: Path) -> Path:
+    """Where the coordinator keeps Flower's state (SuperLink database, FLWR_HOME, reports)."""
+    return store / "flower"
+
+
+def start_superlink(store: Path, address: str) -> subprocess.Popen[bytes]:
+    """``flower-superlink`` with the store's TLS material and SuperNode authentication on;
+    returns once it is healthy and every enrolled site's node key is registered."""
+    layout = StoreLayout(store)
+    host, _, port = address.rpartition(":")
+    home = flower_dir(store) / "home"
+    write_connection(home, address, layout.ca_certificate)
+    log_file = (flower_dir(store) / "superlink.log").open("ab")
+    process = subprocess.Popen(
+        [flower_bin("flower-superlink"),
+         "--ssl-ca-certfile", str(layout.ca_certificate),
+         "--ssl-certfile", str(layout.server_certificate),
+         "--ssl-keyfile", str(layout.server_key),
+         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+         "--database", str(flower_dir(store) / "state.db"),
+         "--host", host, "--port", port],
+        env=flower_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    wait_healthy(address, layout.ca_certificate, process)
+    sync_nodes(store)
+    return process
+
+
+def sync_nodes(store: Path) -> dict[str, int]:
+    """Register the node key of every enrolled site with the SuperLink and unregister the
+    nodes of revoked sites; the SuperLink then accepts exactly the enrolled sites' nodes."""
+    home = flower_dir(store) / "home"
+    known_file = flower_dir(store) / "nodes.json"
+    known: dict[str, int] = json.loads(known_file.read_text()) if known_file.exists() else {}
+    with SQLiteStore.open(StoreLayout(store).database) as db:
+        sites = db.list_sites()
+    for site in sites:
+        if site.status == "revoked" and site.site_id in known:
+            flwr(["supernode", "unregister", str(known.pop(site.site_id)), CONNECTION], home)
+            log.info("unregistered the Flower node of revoked site %s", site.site_id)
+        elif site.status == "enrolled" and site.node_public_key and site.site_id not in known:
+            with tempfile.NamedTemporaryFile("w", suffix=".pub", delete=False) as key_file:
+                key_file.write(site.node_public_key + "\n")
+            try:
+                answer = flwr(["supernode", "register", key_file.name, CONNECTION], home)
+            finally:
+                Path(key_file.name).unlink()
+            known[site.site_id] = int(str(answer["node-id"]))
+            log.info("registered the Flower node of site %s", site.site_id)
+    known_file.write_text(json.dumps(known, indent=1, sort_keys=True))
+    return known
+
+
+def run_campaign(store: Path, superlink: str, *, min_sites: int, timeout: float) -> dict[str, Any]:
+    """Run the adaptor campaign on the SuperLink and wait for it; the campaign's report."""
+    layout = StoreLayout(store)
+    home = flower_dir(store) / "campaign-home"
+    write_connection(home, superlink, layout.ca_certificate)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+    report = flower_dir(store) / "campaigns" / f"{stamp}.json"
+    run_config = (
+        f"store={json.dumps(str(store.resolve()))} report={json.dumps(str(report.resolve()))} "
+        f"min-sites={min_sites} timeout={float(timeout)}"
+    )
+    started = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config], home)
+    run_id = str(started["run-id"])
+    deadline = time.monotonic() + timeout * 2 + 120
+    status, details = "pending", ""
+    while time.monotonic() < deadline:
+        runs = flwr(["ls", "--run-id", run_id, CONNECTION], home)["runs"]
+        info = runs[0]
+        status, details = str(info["status"]), str(info.get("status-details", ""))
+        if status.startswith("finished"):
+            break
+        time.sleep(1.0)
+    if status != "finished:completed" or not report.exists():
+        raise FlowerError(f"campaign run {run_id} ended as {status!r}: {details or 'no details'}")
+    result: dict[str, Any] = json.loads(report.read_text())
+    result["run_id"] = run_id
+    result["status"] = status
+    return result

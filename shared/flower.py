@@ -1,0 +1,117 @@
+"""Running Flower's own processes (SuperLink, SuperNode, the ``flwr`` CLI) for fedatlas.
+
+Flower 1.41 traps handled here (../shared/FLOWER_NOTES.md): its processes start
+``flower-superexec`` by bare name, so the environment's ``bin`` goes first on PATH; every
+process gets its own ``FLWR_HOME``; runtime dependency installation stays off; the SuperExec
+children run in their own session, so stopping a process also stops the children it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedatlas.shared.errors import FedatlasError
+
+CONNECTION = "fedatlas"  # the connection name in $FLWR_HOME/config.toml
+
+
+class FlowerError(FedatlasError):
+    """A Flower process could not be started or a Flower run did not complete."""
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower executable installed beside this Python."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FlowerError(f"{path}: not found; install fedatlas with its dependencies (flwr)")
+    return str(path)
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for a Flower process whose state lives in ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+
+
+def write_connection(home: Path, address: str, ca_certificate: Path) -> None:
+    """The ``flwr`` CLI's connection to the SuperLink at ``address`` (TLS with ``ca``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n[superlink.{CONNECTION}]\n'
+        f"address = {json.dumps(address)}\n"
+        f"root-certificates = {json.dumps(str(ca_certificate.resolve()))}\n"
+    )
+
+
+def wait_healthy(address: str, ca_certificate: Path, process: subprocess.Popen[bytes], *,
+                 timeout: float = 60.0) -> None:  # fmt: skip
+    """Wait until the SuperLink at ``address`` answers ``/health`` over TLS."""
+    context = ssl.create_default_context(cafile=str(ca_certificate))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FlowerError(f"flower-superlink exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"https://{address}/health", context=context, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise FlowerError(f"the SuperLink at {address} did not become healthy in {timeout:.0f} s")
+
+
+def flwr(args: Sequence[str], home: Path, *, timeout: float = 120.0) -> dict[str, object]:
+    """Run the ``flwr`` CLI with ``--format json``; its parsed answer."""
+    run = subprocess.run(
+        [flower_bin("flwr"), *args, "--format", "json"],
+        capture_output=True, text=True, env=flower_env(home), timeout=timeout, check=False,
+    )  # fmt: skip
+    try:
+        answer: dict[str, object] = json.loads(run.stdout)
+    except json.JSONDecodeError:
+        raise FlowerError(
+            f"flwr {' '.join(args)} failed ({run.returncode}): {run.stderr.strip()[-500:]}"
+        ) from None
+    if not answer.get("success", False):
+        raise FlowerError(f"flwr {' '.join(args)}: {answer.get('error-message', answer)}")
+    return answer
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a Flower process and the SuperExec children it started; wait for them."""
+    children = _children(process.pid)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]

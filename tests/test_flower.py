@@ -1,0 +1,189 @@
+"""Flower adaptor campaigns on real Flower processes on loopback (TLS, SuperNode
+authentication): ``fedatlas coordinator superlink``, ``fedatlas site node`` per site and
+``fedatlas coordinator campaign``, on CellBench S1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anndata as ad
+import pytest
+from processes import FEDATLAS, fedatlas, fedatlas_json
+
+from fedatlas.coordinator.store import SQLiteStore
+from fedatlas.shared.cellbench import load_scenario
+from fedatlas.shared.cli import main
+from fedatlas.shared.dataset import extract_cells
+from fedatlas.shared.evaluation import MappedQuery, evaluate
+from fedatlas.shared.mapping import map_cells
+from fedatlas.shared.reference import build_reference
+from fedatlas.shared.release import Release
+
+pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
+
+SITES = {"h1": "sc_celseq2_5cl_p2", "h2": "sc_celseq2_5cl_p3", "h3": "sc_celseq2_5cl_p1"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*FEDATLAS, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )  # fmt: skip
+
+
+def _wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} did not appear:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, object]]:
+    """A published S1 reference, three enrolled sites, a SuperLink and three SuperNodes."""
+    data = load_scenario(cellbench_dir, "S1")
+    cells = extract_cells(
+        data.reference, source="reference", batch_key="batch", label_keys=["cell_line"]
+    )
+    release = build_reference(cells, preset="scpoli", seed=0, progress=False).release
+    release.save(tmp_path / "release")
+    store = tmp_path / "store"
+    assert main(["-q", "admin", "init", "--store", str(store)]) == 0
+    assert main(["-q", "admin", "release", "publish", "--store", str(store),
+                 "--release", str(tmp_path / "release")]) == 0  # fmt: skip
+    plates = {**data.queries, "sc_celseq2_5cl_p1": _plate(cellbench_dir)}
+    for site, stem in SITES.items():
+        plates[stem].write_h5ad(tmp_path / f"{site}.h5ad")
+        assert main(["-q", "site", "keygen", "--out", str(tmp_path / site)]) == 0
+        assert main(["-q", "admin", "site", "enroll", "--store", str(store), "--site-id", site,
+                     "--public-key", str(tmp_path / site / "site.pub")]) == 0  # fmt: skip
+    address = f"127.0.0.1:{_port()}"
+    processes = []
+    superlink = _start(["coordinator", "superlink", "--store", str(store), "--address", address],
+                       tmp_path / "superlink.log")  # fmt: skip
+    processes.append(superlink)
+    try:
+        _wait_for(tmp_path / "superlink.log", "superlink on", superlink, 90)
+        for site in SITES:
+            node = _start(
+                ["site", "node", "--superlink", address, "--ca", str(store / "ca.pem"),
+                 "--site-id", site, "--key", str(tmp_path / site / "site.key"),
+                 "--data", str(tmp_path / f"{site}.h5ad"), "--batch-key", "batch",
+                 "--label-key", "cell_line", "--port", str(_port()),
+                 "--known-coordinators", str(tmp_path / site / "known.json")],
+                tmp_path / f"{site}-node.log",
+            )  # fmt: skip
+            processes.append(node)
+        for site in SITES:
+            _wait_for(tmp_path / f"{site}-node.log", "SuperNode ID", processes[-1], 90)
+        yield {"store": store, "address": address, "release": release, "root": tmp_path,
+               "queries": data.queries}  # fmt: skip
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _plate(cellbench_dir: Path) -> ad.AnnData:
+    from fedatlas.shared.cellbench import load_stem
+
+    return load_stem(cellbench_dir, "sc_celseq2_5cl_p1")
+
+
+def test_a_campaign_registers_every_sites_adaptor(federation: dict[str, object]) -> None:
+    store, root = Path(str(federation["store"])), Path(str(federation["root"]))
+    report = fedatlas_json(
+        "coordinator", "campaign", "--store", str(store), "--superlink",
+        str(federation["address"]), "--min-sites", "3", "--timeout", "180",
+    )  # fmt: skip
+    assert report["status"] == "finished:completed"
+    outcomes = {s["site_id"]: s["state"] for s in report["sites"]}
+    assert outcomes == {"h1": "accepted", "h2": "accepted", "h3": "accepted"}
+    assert report["timed_out"] == []
+    with SQLiteStore.open(store / "registry.sqlite") as db:
+        accepted = db.list_bundles(state="accepted")
+        assert sorted(b.site_id for b in accepted) == ["h1", "h2", "h3"]
+        assert db.verify_audit() == []
+        latest = db.latest_composite()
+        assert latest is not None
+        assert len(latest.bundle_ids) == 3
+    # a third party pulls nothing new: it maps S1's query plates with the campaign composite
+    third = root / "third"
+    with_grpc = _pull_composite(store, third)
+    release = federation["release"]
+    assert isinstance(release, Release)
+    federated, offline = [], []
+    queries = federation["queries"]
+    assert isinstance(queries, dict)
+    for site in ("h1", "h2"):
+        stem = SITES[site]
+        query = queries[stem]
+        truth = query.obs["cell_line"].astype(str).to_numpy(object)
+        table = extract_cells(query, source=stem, batch_key="batch")
+        federated.append(MappedQuery(stem, truth, map_cells(with_grpc, table, site_id=site,
+                                                            progress=False), 0.0))  # fmt: skip
+        offline.append(MappedQuery(stem, truth, map_cells(release, table, site_id=stem,
+                                                          progress=False), 0.0))  # fmt: skip
+    ours, theirs = evaluate(with_grpc, federated), evaluate(release, offline)
+    print(f"\ncampaign composite: {ours}\noffline: {theirs}")
+    # measured campaign / offline: accuracy 1.000 / 1.000, macro F1 1.000 / 1.000, kNN purity
+    # 1.000 / 1.000, overall 0.948 / 0.948
+    for key in ("accuracy", "macro_f1", "knn_purity"):
+        assert ours[key] >= theirs[key] - 0.01, key
+    assert ours["integration"]["overall"] >= theirs["integration"]["overall"] - 0.02
+
+
+def _pull_composite(store: Path, out: Path) -> Release:
+    """The store's current composite, through the coordinator's gRPC server."""
+    from processes import Coordinator
+
+    with Coordinator(store) as coordinator:
+        fedatlas("site", "pull", "--coordinator", coordinator.address, "--ca",
+                 str(store / "ca.pem"), "--known-coordinators", str(out / "known.json"),
+                 "--out", str(out / "composite"))  # fmt: skip
+    return Release.load(out / "composite")
+
+
+def test_a_supernode_whose_key_is_not_enrolled_is_refused(
+    federation: dict[str, object], tmp_path: Path
+) -> None:
+    assert main(["-q", "site", "keygen", "--out", str(tmp_path / "stranger")]) == 0
+    log = tmp_path / "stranger-node.log"
+    node = _start(
+        ["site", "node", "--superlink", str(federation["address"]), "--ca",
+         str(Path(str(federation["store"])) / "ca.pem"), "--site-id", "stranger",
+         "--key", str(tmp_path / "stranger" / "site.key"), "--data",
+         str(tmp_path / "h1.h5ad"), "--batch-key", "batch", "--port", str(_port())],
+        log,
+    )  # fmt: skip
+    try:
+        node.wait(timeout=60)
+    finally:
+        _stop(node)
+    assert node.returncode != 0
+    assert "Failed to activate SuperNode" in log.read_text(errors="replace")
