@@ -81,8 +81,11 @@ def sync_nodes(store: Path) -> dict[str, int]:
     return known
 
 
-def run_campaign(store: Path, superlink: str, *, min_sites: int, timeout: float) -> dict[str, Any]:
-    """Run the adaptor campaign on the SuperLink and wait for it; the campaign's report."""
+def run_campaign(
+    store: Path, superlink: str, *, min_sites: int, timeout: float, app: Path = APP_DIR
+) -> dict[str, Any]:
+    """Run the adaptor campaign (the Flower app ``app``) on the SuperLink and wait for it;
+    the campaign's report."""
     layout = StoreLayout(store)
     home = flower_dir(store) / "campaign-home"
     write_connection(home, superlink, layout.ca_certificate)
@@ -92,7 +95,7 @@ def run_campaign(store: Path, superlink: str, *, min_sites: int, timeout: float)
         f"store={json.dumps(str(store.resolve()))} report={json.dumps(str(report.resolve()))} "
         f"min-sites={min_sites} timeout={float(timeout)}"
     )
-    started = flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config], home)
+    started = flwr(["run", str(app), CONNECTION, "--run-config", run_config], home)
     run_id = str(started["run-id"])
     deadline = time.monotonic() + timeout * 2 + 120
     status, details = "pending", ""

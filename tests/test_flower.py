@@ -187,3 +187,22 @@ def test_a_supernode_whose_key_is_not_enrolled_is_refused(
         _stop(node)
     assert node.returncode != 0
     assert "Failed to activate SuperNode" in log.read_text(errors="replace")
+
+
+def test_a_tampered_bundle_from_a_client_app_is_rejected(federation: dict[str, object]) -> None:
+    from fedatlas.coordinator.flower_runs import run_campaign
+
+    store = Path(str(federation["store"]))
+    with SQLiteStore.open(store / "registry.sqlite") as db:
+        before = db.snapshot()
+    report = run_campaign(
+        store, str(federation["address"]), min_sites=3, timeout=180,
+        app=Path(__file__).parent / "flower_apps" / "tampering",
+    )  # fmt: skip
+    assert report["status"] == "finished:completed"
+    assert {(s["state"], s["reason_code"]) for s in report["sites"]} == {
+        ("rejected", "bad_signature")
+    }
+    assert len(report["sites"]) == 3
+    with SQLiteStore.open(store / "registry.sqlite") as db:
+        assert db.snapshot() == before

@@ -1,0 +1,1 @@
+"""A tampering Flower app for the tests."""
