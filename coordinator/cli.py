@@ -8,6 +8,8 @@ from typing import Any
 
 from fedatlas.shared.cli import add_subcommand
 
+NODE_SYNC_SECONDS = 5.0  # how often the SuperLink's node registrations follow the store
+
 
 def register(groups: Any, name: str, help_text: str) -> None:
     """Add the ``coordinator`` command group."""
@@ -36,7 +38,8 @@ def register(groups: Any, name: str, help_text: str) -> None:
         commands, "superlink", _superlink, "run a Flower SuperLink beside the coordinator",
         "flower-superlink with the store's TLS material, SuperNode authentication on and "
         "runtime dependency installation off. It accepts exactly the Flower node keys of "
-        "enrolled, non-revoked sites (re-synchronised at start). Prints 'superlink on "
+        "enrolled, non-revoked sites (followed within seconds of admin site enroll/revoke). "
+        "Prints 'superlink on "
         "HOST:PORT' once healthy; stops with its children on SIGTERM or Ctrl-C.",
     )  # fmt: skip
     superlink.add_argument("--store", required=True, type=Path, help="coordinator store")
@@ -77,7 +80,7 @@ def _superlink(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from fedatlas.coordinator.flower_runs import start_superlink
+    from fedatlas.coordinator.flower_runs import start_superlink, sync_nodes
     from fedatlas.shared.flower import stop
 
     process = start_superlink(args.store, args.address)
@@ -85,10 +88,11 @@ def _superlink(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):
+    while not done.wait(NODE_SYNC_SECONDS):
         if process.poll() is not None:
             print(f"flower-superlink exited with status {process.returncode}", flush=True)
             return 1
+        sync_nodes(args.store)  # sites enrolled or revoked meanwhile
     stop(process)
     return 0
 

@@ -206,3 +206,23 @@ def test_a_tampered_bundle_from_a_client_app_is_rejected(federation: dict[str, o
     assert len(report["sites"]) == 3
     with SQLiteStore.open(store / "registry.sqlite") as db:
         assert db.snapshot() == before
+
+
+def test_revoking_a_site_removes_its_node_from_campaigns(federation: dict[str, object]) -> None:
+    import json
+
+    store = Path(str(federation["store"]))
+    assert main(["-q", "admin", "site", "revoke", "--store", str(store), "--site-id", "h3"]) == 0
+    nodes_file = store / "flower" / "nodes.json"
+    deadline = time.monotonic() + 60
+    while "h3" in json.loads(nodes_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "h3" not in json.loads(nodes_file.read_text()), "the SuperLink kept h3's node"
+    report = fedatlas_json(
+        "coordinator", "campaign", "--store", str(store), "--superlink",
+        str(federation["address"]), "--min-sites", "2", "--timeout", "120",
+    )  # fmt: skip
+    assert {s["site_id"]: s["state"] for s in report["sites"]} == {
+        "h1": "accepted",
+        "h2": "accepted",
+    }
