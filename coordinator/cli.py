@@ -77,24 +77,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     from fedatlas.coordinator.flower_runs import start_superlink, sync_nodes
-    from fedatlas.shared.flower import stop
+    from fedatlas.shared.flower import supervise
 
     process = start_superlink(args.store, args.address)
     print(f"superlink on {args.address} (store {args.store})", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(NODE_SYNC_SECONDS):
-        if process.poll() is not None:
-            print(f"flower-superlink exited with status {process.returncode}", flush=True)
-            return 1
-        sync_nodes(args.store)  # sites enrolled or revoked meanwhile
-    stop(process)
-    return 0
+    # node registrations follow sites enrolled or revoked meanwhile
+    return supervise(process, every=NODE_SYNC_SECONDS, tick=lambda: sync_nodes(args.store))
 
 
 def _campaign(args: argparse.Namespace) -> int:

@@ -15,9 +15,10 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedatlas.shared.errors import FedatlasError
@@ -92,6 +93,27 @@ def flwr(args: Sequence[str], home: Path, *, timeout: float = 120.0) -> dict[str
     if not answer.get("success", False):
         raise FlowerError(f"flwr {' '.join(args)}: {answer.get('error-message', answer)}")
     return answer
+
+
+def supervise(
+    process: subprocess.Popen[bytes],
+    *,
+    every: float = 1.0,
+    tick: Callable[[], object] | None = None,
+) -> int:
+    """Keep ``process`` running until SIGINT or SIGTERM, calling ``tick`` every ``every``
+    seconds; then stop it with its children. Returns 0, or 1 if it exited on its own."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(every):
+        if process.poll() is not None:
+            print(f"the Flower process exited with status {process.returncode}", flush=True)
+            return 1
+        if tick is not None:
+            tick()
+    stop(process)
+    return 0
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

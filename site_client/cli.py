@@ -464,11 +464,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _node(args: argparse.Namespace) -> int:
     import json
-    import signal
     import subprocess
-    import threading
 
-    from fedatlas.shared.flower import flower_bin, flower_env, stop
+    from fedatlas.shared.flower import flower_bin, flower_env, supervise
     from fedatlas.shared.signing import NODE_KEY_STEM, load_signing_key
     from fedatlas.site_client.trust import default_known_file
 
@@ -495,11 +493,4 @@ def _node(args: argparse.Namespace) -> int:
         env=flower_env(home),
     )  # fmt: skip
     print(f"supernode of site {args.site_id} connecting to {args.superlink}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):
-        if process.poll() is not None:
-            return 1 if process.returncode else 0
-    stop(process)
-    return 0
+    return supervise(process)
