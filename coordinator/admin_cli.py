@@ -380,9 +380,7 @@ def _list_sites(args: argparse.Namespace) -> int:
 
     with _registry(args) as registry:
         sites = registry.store.list_sites()
-        counts: dict[str, int] = {}
-        for b in registry.store.list_bundles():
-            counts[b.site_id] = counts.get(b.site_id, 0) + 1
+        counts = registry.bundles_per_site()
     rows = [
         {
             "site_id": s.site_id,

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fedatlas.coordinator.registry import Registry
+from fedatlas.shared.flower import BUNDLE_RECORD, COMPOSITE_RECORD
 from fedatlas.shared.hashing import digest
 
 log = logging.getLogger(__name__)
-
-COMPOSITE_RECORD = "composite"
-BUNDLE_RECORD = "bundle"
 
 
 def run_campaign(grid: Any, context: Any) -> dict[str, Any]:

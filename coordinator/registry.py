@@ -326,6 +326,13 @@ class Registry:
             record = self.store.get_bundle(bundle_id)
             return None if record is None else Outcome.of(record, self.generation_of(bundle_id))
 
+    def bundles_per_site(self) -> dict[str, int]:
+        """How many bundles each site has registered (any state)."""
+        counts: dict[str, int] = {}
+        for record in self.store.list_bundles():
+            counts[record.site_id] = counts.get(record.site_id, 0) + 1
+        return counts
+
     def generation_of(self, bundle_id: str) -> int:
         """The first composite generation holding ``bundle_id`` (0: none)."""
         with self._lock:

@@ -121,9 +121,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def ListSites(self, request: pb.ListSitesRequest, context: Any) -> pb.ListSitesResponse:
         """Enrolled and revoked sites."""
-        counts: dict[str, int] = {}
-        for record in self.registry.store.list_bundles():
-            counts[record.site_id] = counts.get(record.site_id, 0) + 1
+        counts = self.registry.bundles_per_site()
         return pb.ListSitesResponse(
             sites=[
                 pb.SiteInfo(

@@ -24,6 +24,9 @@ from pathlib import Path
 from fedatlas.shared.errors import FedatlasError
 
 CONNECTION = "fedatlas"  # the connection name in $FLWR_HOME/config.toml
+# record names of a campaign's messages: the composite sent to sites, the bundle they answer
+COMPOSITE_RECORD = "composite"
+BUNDLE_RECORD = "bundle"
 
 
 class FlowerError(FedatlasError):

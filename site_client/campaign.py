@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedatlas.coordinator.campaign import BUNDLE_RECORD, COMPOSITE_RECORD
+from fedatlas.shared.flower import BUNDLE_RECORD, COMPOSITE_RECORD
 
 
 def train(message: Any, context: Any) -> Any:

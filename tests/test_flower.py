@@ -5,7 +5,6 @@ authentication): ``fedatlas coordinator superlink``, ``fedatlas site node`` per 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from fedatlas.shared.cellbench import load_scenario
 from fedatlas.shared.cli import main
 from fedatlas.shared.dataset import extract_cells
 from fedatlas.shared.evaluation import MappedQuery, evaluate
+from fedatlas.shared.flower import stop
 from fedatlas.shared.mapping import map_cells
 from fedatlas.shared.reference import build_reference
 from fedatlas.shared.release import Release
@@ -52,16 +52,6 @@ def _wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: f
             break
         time.sleep(0.2)
     raise AssertionError(f"{text!r} did not appear:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -106,7 +96,7 @@ def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, object
                "queries": data.queries}  # fmt: skip
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
 
 
 def _plate(cellbench_dir: Path) -> ad.AnnData:
@@ -184,7 +174,7 @@ def test_a_supernode_whose_key_is_not_enrolled_is_refused(
     try:
         node.wait(timeout=60)
     finally:
-        _stop(node)
+        stop(node)
     assert node.returncode != 0
     assert "Failed to activate SuperNode" in log.read_text(errors="replace")
 
