@@ -2,8 +2,9 @@
 
 ``reference build`` trains a release offline. Everything else works on a coordinator store
 directory (``--store``): ``init`` creates it; ``release``, ``site``, ``adaptors``, ``composite``,
-``policy``, ``tls`` and ``audit`` manage what the coordinator serves. They may run while
-``fedatlas coordinator serve`` uses the same store.
+``policy``, ``tls`` and ``audit`` manage what the coordinator serves; ``store`` backs it up,
+restores it and rotates its signing key. They may run while ``fedatlas coordinator serve`` uses
+the same store (``store rotate-key`` and ``tls server-cert`` want the services stopped).
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def register(groups: Any, name: str, help_text: str) -> None:
     admin = groups.add_parser(name, help=help_text, description=__doc__)
     sections = admin.add_subparsers(
         dest="admin_section",
-        metavar="{init,reference,release,site,adaptors,composite,policy,tls,audit}",
+        metavar="{init,reference,release,site,adaptors,composite,policy,tls,audit,store}",
     )
     sections.required = True
     _register_init(sections)
     _register_reference(sections)
     _register_store_sections(sections)
+    _register_maintenance(sections)
 
 
 def _store_command(
@@ -66,8 +68,8 @@ def _register_init(sections: Any) -> None:
     init.add_argument(
         "--host",
         action="append",
-        help="name or address sites use to reach the coordinator (repeatable; default "
-        "localhost, 127.0.0.1, ::1)",
+        help="name or address sites use to reach the coordinator (repeatable); localhost, "
+        "127.0.0.1 and ::1 are always added (the SuperLink's own CLI connects on loopback)",
     )
     _add_policy_arguments(init)
 
@@ -244,7 +246,7 @@ def _register_store_sections(sections: Any) -> None:
     _store_command(policy, "show", _show_policy, "show the acceptance policy")
     _add_policy_arguments(_store_command(policy, "set", _set_policy, "change the policy"))
 
-    tls = _section(sections, "tls", "TLS material", "client-cert")
+    tls = _section(sections, "tls", "TLS material", "client-cert,server-cert")
     client = _store_command(
         tls, "client-cert", _client_cert, "issue a client certificate for mutual TLS",
         "Signed by the store's CA; give DIR/NAME.pem and DIR/NAME.key to the site, which "
@@ -252,6 +254,16 @@ def _register_store_sections(sections: Any) -> None:
     )  # fmt: skip
     client.add_argument("--name", required=True, help="certificate name (e.g. the site id)")
     client.add_argument("--out", required=True, type=Path, help="directory for NAME.pem/.key")
+    server = _store_command(
+        tls, "server-cert", _server_cert, "renew the TLS server certificate (or the whole CA)",
+        "Issues a new server.pem/server.key for --host names (default: the current "
+        "certificate's; localhost, 127.0.0.1 and ::1 are always added), signed by the store's "
+        "CA, or by a new CA with --new-ca (then every site needs the new ca.pem and client "
+        "certificates must be issued again). The old files move to STORE/retired/. Restart "
+        "the coordinator and the SuperLink afterwards.",
+    )  # fmt: skip
+    server.add_argument("--host", action="append", help="name or address (repeatable)")
+    server.add_argument("--new-ca", action="store_true", help="also replace the CA")
 
     audit = _section(sections, "audit", "the hash-chained audit log", "verify")
     _store_command(
@@ -285,14 +297,15 @@ def _init(args: argparse.Namespace) -> int:
     from fedatlas.shared.signing import fingerprint, load_public_key
 
     policy = _policy_from(args, Policy())
-    layout = init_store(args.store, hosts=args.host or DEFAULT_HOSTS, policy=policy)
+    hosts = list(dict.fromkeys([*(args.host or []), *DEFAULT_HOSTS]))
+    layout = init_store(args.store, hosts=hosts, policy=policy)
     key_id = fingerprint(load_public_key(layout.public_key))
     print_result(
         {
             "store": str(args.store),
             "coordinator_key": key_id,
             "ca": str(layout.ca_certificate),
-            "hosts": list(args.host or DEFAULT_HOSTS),
+            "hosts": hosts,
             "policy": policy.__dict__,
         },
         args.json,
@@ -300,7 +313,7 @@ def _init(args: argparse.Namespace) -> int:
             f"coordinator store {args.store}",
             f"  signing key     {key_id} ({layout.public_key})",
             f"  CA certificate  {layout.ca_certificate} (give it to every site)",
-            f"  server names    {', '.join(args.host or DEFAULT_HOSTS)}",
+            f"  server names    {', '.join(hosts)}",
             f"  policy          {policy.approval} approval, prototypes over >= "
             f"{policy.min_prototype_cells} cells",
         ],
@@ -574,3 +587,107 @@ def _verify_audit(args: argparse.Namespace) -> int:
         else [f"audit log NOT intact ({len(problems)} problems):", *(f"  {p}" for p in problems)],
     )
     return 0 if not problems else 1
+
+
+# ------------------------------------------------------------------ backups and key rotation
+def _register_maintenance(sections: Any) -> None:
+    store = _section(
+        sections, "store", "back up, restore and re-key a coordinator store",
+        "backup,restore,rotate-key",
+    )  # fmt: skip
+    backup = _store_command(
+        store, "backup", _backup, "write a consistent backup of the store to one file",
+        "Safe while the coordinator and the SuperLink run: the registry is copied with "
+        "SQLite's online backup API. The file (tar.gz, mode 0600) also holds the coordinator "
+        "key, the CA and the server certificate with their private keys: keep it as safe "
+        "as those.",
+    )  # fmt: skip
+    backup.add_argument("--out", required=True, type=Path, help="backup file to create")
+    restore = _store_command(
+        store, "restore", _restore, "restore a backup file as a new store directory",
+        "Checks every file against the backup's manifest, writes the store beside --store and "
+        "renames it into place when complete. Exit status 1 when the restored audit log does "
+        "not verify.",
+    )  # fmt: skip
+    restore.add_argument("--backup", required=True, type=Path, help="file from store backup")
+    _store_command(
+        store, "rotate-key", _rotate_key, "replace the coordinator's signing key",
+        "Stop the coordinator and the SuperLink first. The old key moves to STORE/retired/, "
+        "the current composite is published again as the next generation signed by the new "
+        "key, and the change is audited. Every site must then trust the new coordinator.pub. "
+        "Run it again if it was interrupted: it finishes the job.",
+    )  # fmt: skip
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.maintenance import backup_store
+
+    info = backup_store(args.store, args.out)
+    print_result(
+        info,
+        args.json,
+        [
+            f"backup {info['backup']} ({info['bytes']:,} bytes, mode 0600: holds private keys)",
+            f"  sites           {len(info['sites'])}, bundles {info['bundles']}, composite "
+            f"generation {info['composite_generation']}",
+            f"  audit log       {info['audit_entries']} entries, "
+            + ("intact" if info["audit_intact"] else "NOT intact (see --json)"),
+        ],
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.maintenance import restore_store
+
+    info = restore_store(args.backup, args.store)
+    print_result(
+        info,
+        args.json,
+        [
+            f"restored {info['backup']} to {info['store']}",
+            f"  sites           {len(info['sites'])}, bundles {info['bundles']}, composite "
+            f"generation {info['composite_generation']}",
+            f"  audit log       {info['audit_entries']} entries, "
+            + ("intact" if info["audit_intact"] else "NOT intact:"),
+            *(f"    {problem}" for problem in info["audit_problems"]),
+        ],
+    )
+    return 0 if info["audit_intact"] else 1
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.maintenance import rotate_signing_key
+
+    info = rotate_signing_key(args.store)
+    print_result(
+        info,
+        args.json,
+        [
+            f"coordinator key {info['coordinator_key']} (was {info['previous_key']})",
+            f"  composite       generation {info['composite_generation']}, signed by the new key"
+            if info["composite_generation"]
+            else "  composite       none yet (no release published)",
+            f"  give sites      {info['public_key_file']} (site node/pull --coordinator-key), "
+            "or have them drop the old pin from known_coordinators.json",
+        ],
+    )
+    return 0
+
+
+def _server_cert(args: argparse.Namespace) -> int:
+    from fedatlas.coordinator.maintenance import renew_server_certificate
+
+    info = renew_server_certificate(args.store, args.host, new_ca=args.new_ca)
+    print_result(
+        info,
+        args.json,
+        [
+            f"server certificate for {', '.join(info['hosts'])}, valid until {info['not_after']}",
+            "  restart the coordinator and the SuperLink to use it",
+            f"  sites           give every site the new {info['ca']}"
+            if info["new_ca"]
+            else "  sites           nothing to do (same CA)",
+        ],
+    )
+    return 0

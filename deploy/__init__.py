@@ -1,0 +1,1 @@
+"""What an operator runs: the local launcher, the demo, bootstrap and service files."""
