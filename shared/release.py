@@ -41,6 +41,7 @@ WEIGHTS_FILE = "weights.safetensors"
 MODEL_PREFIX = "model."
 LATENT_TENSOR = "reference.latent"
 CONDITION_TENSOR = "reference.condition"
+EMBEDDING_TABLE = "embedding.table"  # condition embeddings (without MODEL_PREFIX)
 
 
 def prototype_prefix(level_index: int) -> str:
@@ -130,7 +131,7 @@ class Release(Artifact):
     def condition_embeddings(self) -> tuple[list[str], NDArray[np.float32]] | None:
         """The learnt condition embeddings (``embedding`` mechanism): names and one row per
         condition, for analysis (e.g. a PCA of samples); None for other mechanisms."""
-        table = self.tensors.get(MODEL_PREFIX + "embedding.table")
+        table = self.tensors.get(MODEL_PREFIX + EMBEDDING_TABLE)
         if table is None:
             return None
         return self.condition_names, table.numpy().copy()
