@@ -23,25 +23,16 @@ log = logging.getLogger(__name__)
 
 def run_campaign(grid: Any, context: Any) -> dict[str, Any]:
     """Announce the composite, collect bundles, register them; returns (and writes) the report."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import Message, RecordDict
 
     config = context.run_config
     store, report_path = Path(str(config["store"])), Path(str(config["report"]))
     min_sites, timeout = int(config["min-sites"]), float(config["timeout"])
     report: dict[str, Any] = {"sites": [], "timed_out": [], "completed": False}
     with Registry(store) as registry:
-        record, composite, statement = registry.current_composite()
-        report["generation"] = record.generation
-        nodes = _wait_for_nodes(grid, min_sites, timeout)
-        payload = ConfigRecord(
-            {
-                "manifest": composite.manifest_json(),
-                "weights": composite.weights_bytes(),
-                "statement": statement.statement_json,
-                "signature": statement.signature,
-                "generation": record.generation,
-            }
-        )
+        payload = composite_record(registry)
+        report["generation"] = int(payload["generation"])
+        nodes = wait_for_nodes(grid, min_sites, timeout)
         messages = [
             Message(
                 content=RecordDict({COMPOSITE_RECORD: payload}), dst_node_id=n, message_type="train"
@@ -52,18 +43,47 @@ def run_campaign(grid: Any, context: Any) -> dict[str, Any]:
         for reply in grid.send_and_receive(messages, timeout=timeout):
             node = int(reply.metadata.src_node_id)
             answered.add(node)
-            report["sites"].append(_register(registry, node, reply))
+            report["sites"].append(register_reply(registry, node, reply))
         report["timed_out"] = sorted(set(nodes) - answered)
-        latest = registry.store.latest_composite()
-        report["composite_generation"] = latest.generation if latest else 0
-        report["composite_hash"] = latest.content_hash if latest else ""
+        report.update(latest_composite(registry))
     report["completed"] = True
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=1, sort_keys=True))
+    write_report(report_path, report)
     return report
 
 
-def _wait_for_nodes(grid: Any, min_sites: int, timeout: float) -> list[int]:
+def composite_record(registry: Registry) -> Any:
+    """The current signed composite as a Flower record (manifest, weights, signed statement)."""
+    from flwr.app import ConfigRecord
+
+    record, composite, statement = registry.current_composite()
+    return ConfigRecord(
+        {
+            "manifest": composite.manifest_json(),
+            "weights": composite.weights_bytes(),
+            "statement": statement.statement_json,
+            "signature": statement.signature,
+            "generation": record.generation,
+        }
+    )
+
+
+def latest_composite(registry: Registry) -> dict[str, Any]:
+    """The report's fields naming the newest composite."""
+    latest = registry.store.latest_composite()
+    return {
+        "composite_generation": latest.generation if latest else 0,
+        "composite_hash": latest.content_hash if latest else "",
+    }
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a run's JSON report where ``fedatlas coordinator`` reads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, sort_keys=True))
+
+
+def wait_for_nodes(grid: Any, min_sites: int, timeout: float) -> list[int]:
+    """The connected SuperNodes, once at least ``min_sites`` are there (or ``timeout`` passed)."""
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < min_sites and time.monotonic() < deadline:
@@ -73,7 +93,8 @@ def _wait_for_nodes(grid: Any, min_sites: int, timeout: float) -> list[int]:
     return [int(n) for n in nodes]
 
 
-def _register(registry: Registry, node: int, reply: Any) -> dict[str, Any]:
+def register_reply(registry: Registry, node: int, reply: Any) -> dict[str, Any]:
+    """Register a site's bundle reply through :meth:`Registry.submit`; the site's outcome."""
     if reply.has_error():
         return {"node_id": node, "site_id": "", "state": "failed", "reason": str(reply.error)}
     answer = reply.content[BUNDLE_RECORD]

@@ -8,8 +8,9 @@ import logging
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedatlas.coordinator.registry import StoreLayout
 from fedatlas.coordinator.store import SQLiteStore
@@ -19,13 +20,19 @@ from fedatlas.shared.flower import (
     flower_bin,
     flower_env,
     flwr,
+    stop,
     wait_healthy,
     write_connection,
 )
 
+if TYPE_CHECKING:
+    from fedatlas.shared.federated import FederatedPlan
+
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
+# the loopback address that reaches a SuperLink listening on every interface
+LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}
 
 
 def flower_dir(store: Path) -> Path:
@@ -39,7 +46,10 @@ def start_superlink(store: Path, address: str) -> subprocess.Popen[bytes]:
     layout = StoreLayout(store)
     host, _, port = address.rpartition(":")
     home = flower_dir(store) / "home"
-    write_connection(home, address, layout.ca_certificate)
+    # Listening on every interface (0.0.0.0, [::]), the SuperLink's own health check and flwr
+    # CLI reach it on loopback, a name every store's server certificate holds (admin init).
+    local = f"{LOOPBACK.get(host, host)}:{port}"
+    write_connection(home, local, layout.ca_certificate)
     log_file = (flower_dir(store) / "superlink.log").open("ab")
     process = subprocess.Popen(
         [flower_bin("flower-superlink"),
@@ -51,8 +61,12 @@ def start_superlink(store: Path, address: str) -> subprocess.Popen[bytes]:
          "--host", host, "--port", port],
         env=flower_env(home), stdout=log_file, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    wait_healthy(address, layout.ca_certificate, process)
-    sync_nodes(store)
+    try:
+        wait_healthy(local, layout.ca_certificate, process)
+        sync_nodes(store)
+    except BaseException:
+        stop(process)  # never leave a SuperLink behind that nobody supervises
+        raise
     return process
 
 
@@ -89,15 +103,37 @@ def run_campaign(
     layout = StoreLayout(store)
     home = flower_dir(store) / "campaign-home"
     write_connection(home, superlink, layout.ca_certificate)
+    return run_campaign_app(store, home, min_sites=min_sites, timeout=timeout, app=app)
+
+
+def run_campaign_app(
+    store: Path,
+    home: Path,
+    *,
+    min_sites: int,
+    timeout: float,
+    app: Path = APP_DIR,
+    run_config: Mapping[str, str] | None = None,
+    federation_config: str = "",
+    phases: int = 2,
+) -> dict[str, Any]:
+    """``flwr run`` the campaign app on the SuperLink of ``home``'s connection, wait until the
+    run finished and return the campaign's report; ``run_config`` adds app settings (strings),
+    ``federation_config`` is ``flwr run --federation-config`` (simulation runs); the run may
+    take ``phases`` times ``timeout`` (plus start-up) before it is given up."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
     report = flower_dir(store) / "campaigns" / f"{stamp}.json"
-    run_config = (
-        f"store={json.dumps(str(store.resolve()))} report={json.dumps(str(report.resolve()))} "
-        f"min-sites={min_sites} timeout={float(timeout)}"
-    )
-    started = flwr(["run", str(app), CONNECTION, "--run-config", run_config], home)
+    settings = {
+        "store": str(store.resolve()),
+        "report": str(report.resolve()),
+        **(run_config or {}),
+    }
+    overrides = " ".join(f"{k}={_run_config_string(k, v)}" for k, v in settings.items())
+    overrides += f" min-sites={min_sites} timeout={float(timeout)}"
+    extra = ["--federation-config", federation_config] if federation_config else []
+    started = flwr(["run", str(app), CONNECTION, "--run-config", overrides, *extra], home)
     run_id = str(started["run-id"])
-    deadline = time.monotonic() + timeout * 2 + 120
+    deadline = time.monotonic() + timeout * phases + 120
     status, details = "pending", ""
     while time.monotonic() < deadline:
         runs = flwr(["ls", "--run-id", run_id, CONNECTION], home)["runs"]
@@ -112,3 +148,28 @@ def run_campaign(
     result["run_id"] = run_id
     result["status"] = status
     return result
+
+
+def run_federated_build(
+    store: Path, superlink: str, plan: FederatedPlan, *, min_sites: int, timeout: float
+) -> dict[str, Any]:
+    """Run a federated reference build (the Flower app's ``federated-build`` task) on the
+    SuperLink and wait for it; the build's report."""
+    layout = StoreLayout(store)
+    home = flower_dir(store) / "campaign-home"
+    write_connection(home, superlink, layout.ca_certificate)
+    return run_campaign_app(
+        store, home, min_sites=min_sites, timeout=timeout,
+        run_config={"task": "federated-build", "plan": plan.to_json()},
+        phases=plan.rounds + 4,
+    )  # fmt: skip
+
+
+def _run_config_string(key: str, value: str) -> str:
+    """``value`` quoted for ``flwr run --run-config``, whose parser allows no escaped quote:
+    a TOML literal string ('...'), or a basic one ("...") when the value holds a single quote."""
+    if "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    if '"' not in value and "\\" not in value and "\n" not in value:
+        return f'"{value}"'
+    raise FlowerError(f"run setting {key}: {value!r} cannot be passed to flwr run (quotes)")

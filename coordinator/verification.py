@@ -308,14 +308,24 @@ def _check_values(adaptor: Adaptor, reference: Reference, policy: Policy) -> Non
 
 
 def _check_norms(name: str, rows: Tensor, reference_max: float, factor: float) -> None:
+    """Refuse rows longer than ``factor`` times the reference's longest; where the reference
+    has no rows (a federated release), longer than ``factor`` times sqrt(row size), i.e. a
+    root-mean-square entry above ``factor``."""
     if rows.shape[0] == 0:
         return
-    limit = factor * (reference_max if reference_max > 0 else 1.0)
-    norms = torch.linalg.vector_norm(rows.double().reshape(rows.shape[0], -1), dim=-1)
-    worst = float(norms.max())
+    flat = rows.double().reshape(rows.shape[0], -1)
+    scale = reference_max if reference_max > 0 else math.sqrt(flat.shape[1])
+    limit = factor * scale
+    worst = float(torch.linalg.vector_norm(flat, dim=-1).max())
     if not math.isfinite(worst) or worst > limit:
+        basis = (
+            f"the reference's longest is {reference_max:.4g}"
+            if reference_max > 0
+            else f"the reference has no rows to compare, so the bound is sqrt(row size) "
+            f"= {scale:.4g}"
+        )
         raise Rejection(
             "norm_outlier",
-            f"tensor {name!r} has a row of L2 norm {worst:.4g}; the reference's longest is "
-            f"{reference_max:.4g} and at most {factor:g} times that ({limit:.4g}) is accepted",
+            f"tensor {name!r} has a row of L2 norm {worst:.4g}; {basis} and at most "
+            f"{factor:g} times that ({limit:.4g}) is accepted",
         )

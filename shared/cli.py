@@ -29,7 +29,7 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
     ("admin", "fedatlas.coordinator.admin_cli", "operator commands (store, releases, sites, ...)"),
     ("coordinator", "fedatlas.coordinator.cli", "run the coordinator's services"),
     ("site", "fedatlas.site_client.cli", "commands a site runs on its own data"),
-    ("demo", "fedatlas.shared.demo", "run the end-to-end demo"),
+    ("demo", "fedatlas.deploy.demo", "run the whole federation end to end on this machine"),
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -37,22 +37,45 @@ class MappedQuery:
     seconds: float  # wall time of the mapping (adaptor training + projection + transfer)
 
 
+@dataclass(frozen=True)
+class ReferenceCells:
+    """Reference cells in the latent space with their labels and batches, for scoring."""
+
+    latent: NDArray[np.float32]
+    labels: NDArray[np.object_]  # "" = unlabelled
+    batches: NDArray[np.object_]
+
+    @classmethod
+    def of_release(cls, release: Release, level: str) -> ReferenceCells:
+        """The reference latents a release keeps (a central build's)."""
+        ref = release.reference_latents()
+        labels = release.reference_labels(level)
+        if ref is None or labels is None:
+            raise ConfigError(
+                "evaluation needs reference cells: this release keeps no reference latents "
+                "(a federated release never does), so pass them"
+            )
+        names = np.asarray(release.condition_names, dtype=object)
+        return cls(ref[0], labels, names[ref[1]])
+
+
 def evaluate(
-    release: Release, queries: Sequence[MappedQuery], *, level: str | None = None
+    release: Release,
+    queries: Sequence[MappedQuery],
+    *,
+    level: str | None = None,
+    reference: ReferenceCells | None = None,
 ) -> dict[str, Any]:
     """Scores of ``queries`` mapped onto ``release`` (see the module docstring).
 
     Types absent from the release's catalogue for ``level`` count as unseen; seen-type scores use
     each cell's best label (``accuracy``, ``macro_f1``) and, stricter, its call with unknowns
-    counted as errors (``accuracy_called``).
+    counted as errors (``accuracy_called``). ``reference`` defaults to the cells the release
+    keeps.
     """
     level = level or release.label_levels[0]
-    ref = release.reference_latents()
-    ref_labels = release.reference_labels(level)
-    if ref is None or ref_labels is None:
-        raise ConfigError("evaluation needs a release that keeps reference latents")
-    ref_latent, ref_conditions = ref
-    names = np.asarray(release.condition_names, dtype=object)
+    ref = reference or ReferenceCells.of_release(release, level)
+    ref_latent, ref_labels = ref.latent, ref.labels
     known_types = set(release.prototypes(level).labels)
 
     truth = np.concatenate([q.truth for q in queries]).astype(str)
@@ -67,7 +90,7 @@ def evaluate(
     labelled_ref = ref_labels != ""
     joint = np.vstack([ref_latent[labelled_ref], query_latent])
     joint_labels = np.concatenate([ref_labels[labelled_ref].astype(str), truth])
-    joint_batches = np.concatenate([names[ref_conditions[labelled_ref]].astype(str), query_groups])
+    joint_batches = np.concatenate([ref.batches[labelled_ref].astype(str), query_groups])
     scores: dict[str, Any] = {
         "n_reference_cells": len(ref_latent),
         "n_query_cells": len(truth),

@@ -27,6 +27,8 @@ CONNECTION = "fedatlas"  # the connection name in $FLWR_HOME/config.toml
 # record names of a campaign's messages: the composite sent to sites, the bundle they answer
 COMPOSITE_RECORD = "composite"
 BUNDLE_RECORD = "bundle"
+FEDERATED_RECORD = "federated"  # a federated build's plan and per-step settings or answers
+TRUNK_RECORD = "trunk"  # arrays of a federated build: the trunk, or a site's gene votes
 
 
 class FlowerError(FedatlasError):
@@ -55,26 +57,36 @@ def flower_env(home: Path) -> dict[str, str]:
     }
 
 
-def write_connection(home: Path, address: str, ca_certificate: Path) -> None:
-    """The ``flwr`` CLI's connection to the SuperLink at ``address`` (TLS with ``ca``)."""
+def write_connection(home: Path, address: str, ca_certificate: Path | None) -> None:
+    """The ``flwr`` CLI's connection to the SuperLink at ``address`` (TLS with
+    ``ca_certificate``; plain HTTP on loopback when it is None: a simulation SuperLink)."""
     home.mkdir(parents=True, exist_ok=True)
+    security = (
+        "insecure = true\n"
+        if ca_certificate is None
+        else f"root-certificates = {json.dumps(str(ca_certificate.resolve()))}\n"
+    )
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n[superlink.{CONNECTION}]\n'
-        f"address = {json.dumps(address)}\n"
-        f"root-certificates = {json.dumps(str(ca_certificate.resolve()))}\n"
+        f"address = {json.dumps(address)}\n{security}"
     )
 
 
-def wait_healthy(address: str, ca_certificate: Path, process: subprocess.Popen[bytes], *,
+def wait_healthy(address: str, ca_certificate: Path | None, process: subprocess.Popen[bytes], *,
                  timeout: float = 60.0) -> None:  # fmt: skip
-    """Wait until the SuperLink at ``address`` answers ``/health`` over TLS."""
-    context = ssl.create_default_context(cafile=str(ca_certificate))
+    """Wait until the SuperLink at ``address`` answers ``/health`` (over TLS unless
+    ``ca_certificate`` is None)."""
+    if ca_certificate is None:
+        url, context = f"http://{address}/health", None
+    else:
+        url = f"https://{address}/health"
+        context = ssl.create_default_context(cafile=str(ca_certificate))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise FlowerError(f"flower-superlink exited with status {process.returncode}")
         try:
-            with urllib.request.urlopen(f"https://{address}/health", context=context, timeout=2):
+            with urllib.request.urlopen(url, context=context, timeout=2):
                 return
         except OSError:
             time.sleep(0.3)

@@ -8,6 +8,7 @@ preprocesses exactly like the reference did.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,37 @@ def _log_normalized_values(
     return np.log1p(values, out=values).astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class GeneVotes:
+    """What one holder of cells contributes to highly-variable-gene selection.
+
+    Gene-level aggregates only (no cell's values): per gene, the number of cells it is detected
+    in, and for every voting batch its normalised dispersion. A federated build collects one per
+    site; a central build makes one for all its cells.
+    """
+
+    detected: NDArray[np.int64]  # cells with a nonzero count, per gene
+    dispersions: NDArray[np.float64]  # voters x genes, normalised dispersion (NaN: undefined)
+
+
+def gene_votes(
+    counts: sp.csr_matrix, batches: NDArray[np.str_], recipe: PreprocessingRecipe
+) -> GeneVotes:
+    """Per-batch normalised dispersions of ``counts`` (see :func:`select_highly_variable_genes`).
+
+    Batches with fewer than ``recipe.hvg_min_batch_cells`` cells do not vote; if none is large
+    enough, all cells vote together.
+    """
+    detected = np.asarray((counts > 0).sum(axis=0)).ravel().astype(np.int64)
+    lognorm = log_normalize(counts, recipe.target_sum)
+    groups = [np.flatnonzero(batches == b) for b in np.unique(batches)]
+    voters = [g for g in groups if g.size >= recipe.hvg_min_batch_cells] or [
+        np.arange(counts.shape[0])
+    ]
+    dispersions = np.vstack([_normalized_dispersion(lognorm[rows]) for rows in voters])
+    return GeneVotes(detected=detected, dispersions=dispersions)
+
+
 def select_highly_variable_genes(
     counts: sp.csr_matrix, batches: NDArray[np.str_], recipe: PreprocessingRecipe
 ) -> NDArray[np.int64]:
@@ -116,8 +148,14 @@ def select_highly_variable_genes(
     together if no batch is large enough). Genes seen in fewer than
     ``recipe.min_cells_per_gene`` cells are never selected.
     """
-    n_genes = counts.shape[1]
-    detected = np.asarray((counts > 0).sum(axis=0)).ravel()
+    return combine_gene_votes([gene_votes(counts, batches, recipe)], recipe)
+
+
+def combine_gene_votes(votes: list[GeneVotes], recipe: PreprocessingRecipe) -> NDArray[np.int64]:
+    """The highly variable genes (ascending indices) elected by ``votes`` over the same genes."""
+    detected = np.sum([v.detected for v in votes], axis=0)
+    dispersions = np.vstack([v.dispersions for v in votes])
+    n_genes = detected.size
     eligible = detected >= recipe.min_cells_per_gene
     n_eligible = int(eligible.sum())
     if n_eligible == 0:
@@ -133,21 +171,12 @@ def select_highly_variable_genes(
             recipe.min_cells_per_gene,
             recipe.n_top_genes,
         )
-    lognorm = log_normalize(counts, recipe.target_sum)
-    groups = [np.flatnonzero(batches == b) for b in np.unique(batches)]
-    voters = [g for g in groups if g.size >= recipe.hvg_min_batch_cells] or [
-        np.arange(counts.shape[0])
-    ]
-    votes = np.zeros(n_genes)
-    norm_sum = np.zeros(n_genes)
-    for rows in voters:
-        norm_disp = _normalized_dispersion(lognorm[rows])
-        norm_disp[~eligible] = -np.inf
-        top = np.argsort(-np.nan_to_num(norm_disp, nan=-np.inf), kind="stable")[:n_top]
-        votes[top] += 1
-        norm_sum += np.nan_to_num(norm_disp, nan=0.0, neginf=0.0)
-    mean_norm = norm_sum / len(voters)
-    order = np.lexsort((np.arange(n_genes), -mean_norm, -votes))  # last key is primary
+    votes_per_gene = np.zeros(n_genes)
+    for norm_disp in dispersions:
+        ranked = np.where(eligible, np.nan_to_num(norm_disp, nan=-np.inf), -np.inf)
+        votes_per_gene[np.argsort(-ranked, kind="stable")[:n_top]] += 1
+    mean_norm = np.nan_to_num(dispersions, nan=0.0, neginf=0.0).sum(axis=0) / len(dispersions)
+    order = np.lexsort((np.arange(n_genes), -mean_norm, -votes_per_gene))  # last key is primary
     order = order[eligible[order]][:n_top]
     return np.sort(order).astype(np.int64)
 
@@ -184,13 +213,26 @@ def maxabs_scales(
     """Per-condition, per-gene maximum of the log-normalised values of raw ``counts`` (1 where
     a gene is absent), for SCALEX's per-batch MaxAbs scaling. One pass over the stored
     entries; no normalised copy of the matrix is made."""
-    values = _log_normalized_values(counts, library_sizes(counts), target_sum)
-    flat = np.zeros(n_conditions * counts.shape[1], dtype=np.float32)  # log1p(x) >= 0
-    slots = _per_entry(conditions.astype(np.int64) * counts.shape[1], counts) + counts.indices
-    np.maximum.at(flat, slots, values)
-    scales = flat.reshape(n_conditions, counts.shape[1])
+    scales = maxabs_maxima(counts, conditions, n_conditions, target_sum)
     scales[scales <= 0] = 1.0
     return scales
+
+
+def maxabs_maxima(
+    counts: sp.csr_matrix,
+    conditions: NDArray[np.int64],
+    n_conditions: int,
+    target_sum: float,
+    out: NDArray[np.float32] | None = None,
+) -> NDArray[np.float32]:
+    """Per-condition, per-gene maximum of the log-normalised values of raw ``counts`` (0 where
+    a gene is absent), folded into ``out`` when given: the maxima of row blocks combine into
+    those of all rows, and :func:`maxabs_scales` follows as the maxima with 0 replaced by 1."""
+    values = _log_normalized_values(counts, library_sizes(counts), target_sum)
+    if out is None:
+        out = np.zeros((n_conditions, counts.shape[1]), dtype=np.float32)  # log1p(x) >= 0
+    np.maximum.at(out, (_per_entry(conditions, counts), counts.indices), values)
+    return out
 
 
 def model_input(

@@ -13,7 +13,13 @@ import torch
 from numpy.typing import NDArray
 
 import fedatlas.shared as fs
-from fedatlas.shared.config import PreprocessingRecipe, Preset, TrainConfig, get_preset
+from fedatlas.shared.config import (
+    ModelConfig,
+    PreprocessingRecipe,
+    Preset,
+    TrainConfig,
+    get_preset,
+)
 from fedatlas.shared.dataset import UNLABELED, CellTable, condition_name, label_targets
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
@@ -113,6 +119,46 @@ def build_reference(
         model, means, cells, data, site_id, seed, keep_latents
     )
     cell_counts = np.bincount(conditions, minlength=len(batch_names))
+    content = reference_content(
+        preset=preset,
+        model_cfg=model_cfg,
+        recipe=recipe,
+        train=train,
+        seed=seed,
+        genes=genes,
+        conditions=[
+            {"name": condition_name(site_id, b), "origin": site_id, "n_cells": int(n)}
+            for b, n in zip(batch_names, cell_counts, strict=True)
+        ],
+        prototypes=described,
+        unlabeled_prototypes=unlabeled_meta,
+        reference={"n_cells": data.n_cells, "keeps_latents": keep_latents, "label_vocab": vocab},
+        transfer={
+            "method": preset.transfer if keep_latents else "prototype",
+            "unknown_threshold": unknown_threshold,
+        },
+    )
+    provenance = release_provenance(result)
+    release = Release.assemble(content, tensors, provenance)
+    return BuildResult(release=release, fit=result, latent=means, conditions=conditions)
+
+
+def reference_content(
+    *,
+    preset: Preset,
+    model_cfg: ModelConfig,
+    recipe: PreprocessingRecipe,
+    train: TrainConfig,
+    seed: int,
+    genes: list[str],
+    conditions: list[dict[str, Any]],
+    prototypes: dict[str, Any],
+    unlabeled_prototypes: dict[str, Any] | None,
+    reference: dict[str, Any],
+    transfer: dict[str, Any],
+    federated: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The manifest content of a reference release (a central or a federated build)."""
     content = {
         "kind": "reference",
         "preset": preset.name,
@@ -122,29 +168,31 @@ def build_reference(
         "mapping": preset.mapping.to_dict(),
         "seed": seed,
         "genes": genes,
-        "conditions": [
-            {"name": condition_name(site_id, b), "origin": site_id, "n_cells": int(n)}
-            for b, n in zip(batch_names, cell_counts, strict=True)
-        ],
-        "label_levels": levels,
-        "prototypes": described,
-        "unlabeled_prototypes": unlabeled_meta,
-        "reference": {"n_cells": data.n_cells, "keeps_latents": keep_latents, "label_vocab": vocab},
-        "transfer": {
-            "method": preset.transfer if keep_latents else "prototype",
-            "unknown_threshold": unknown_threshold,
-        },
+        "conditions": conditions,
+        "label_levels": list(prototypes),
+        "prototypes": prototypes,
+        "unlabeled_prototypes": unlabeled_prototypes,
+        "reference": reference,
+        "transfer": transfer,
         "lineage": {"base": None, "adaptors": []},
     }
-    provenance = {
+    if federated is not None:
+        content["federated"] = federated
+    return content
+
+
+def release_provenance(result: FitResult | None, **extra: Any) -> dict[str, Any]:
+    """When and with what a release was built."""
+    return {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fedatlas_version": fs.__version__,
         "torch_version": str(torch.__version__),
-        "epochs_trained": result.epochs,
-        "training_seconds": round(result.seconds, 3),
-    }
-    release = Release.assemble(content, tensors, provenance)
-    return BuildResult(release=release, fit=result, latent=means, conditions=conditions)
+        **({} if result is None else {
+            "epochs_trained": result.epochs,
+            "training_seconds": round(result.seconds, 3),
+        }),
+        **extra,
+    }  # fmt: skip
 
 
 def _train(

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from torch import Tensor
+
 from fedatlas.shared.hashing import bit_identical
 from fedatlas.shared.nn.vae import TABLE_SUFFIX, CondVAE
 from fedatlas.shared.release import Release
 
 
-def operate(release: Release, n_new_conditions: int) -> CondVAE:
-    """The release's frozen network with trainable rows for ``n_new_conditions`` conditions."""
+def operate(
+    release: Release, n_new_conditions: int, initial: Mapping[str, Tensor] | None = None
+) -> CondVAE:
+    """The release's frozen network with trainable rows for ``n_new_conditions`` conditions
+    (starting from ``initial`` rows per table where given)."""
     model = release.build_model()
     if n_new_conditions:
-        model.add_conditions(n_new_conditions)
+        model.add_conditions(n_new_conditions, initial)
     return model
 
 

@@ -34,6 +34,7 @@ from fedatlas.shared.preprocessing import (
 from fedatlas.shared.progress import Progress
 
 Mode = Literal["reference", "mapping"]
+Penalty = Callable[[], Tensor]  # an extra loss term, recomputed at every optimiser step
 CHUNK_CELLS = 4096
 # Validation chunks are smaller: the MMD term builds cells x cells kernels (64 MB per term at
 # 4,096 cells, 4 MB at 1,024).
@@ -364,15 +365,17 @@ def fit(
     prototypes: PrototypeTargets | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    penalty: Penalty | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with recipe ``train``.
 
     The best state (lowest monitored loss: validation when a validation share is set, else
     training) is restored at the end, as scArches does. Early stopping waits until the KL warm-up
-    is over. Returns a :class:`FitResult`.
+    is over. ``penalty`` (e.g. FedProx's proximal term) is added to every minibatch's loss.
+    Returns a :class:`FitResult`.
     """
     with torch_threads(TRAINING_THREADS):
-        return _fit(model, data, train, recipe, mode, prototypes, seed, progress)
+        return _fit(model, data, train, recipe, mode, prototypes, seed, progress, penalty)
 
 
 @contextmanager
@@ -395,6 +398,7 @@ def _fit(
     prototypes: PrototypeTargets | None,
     seed: int,
     progress: Progress | None,
+    penalty: Penalty | None,
 ) -> FitResult:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -429,7 +433,8 @@ def _fit(
         order = _epoch_order(train_rows, data.conditions, train.balance_conditions, rng)
         record, steps = _run_epoch(
             model, data, order, recipe, train, optimiser, params, cache, active, kl_weight,
-            mode, max_steps=(train.max_iterations - iterations) if train.max_iterations else None,
+            mode, penalty,
+            max_steps=(train.max_iterations - iterations) if train.max_iterations else None,
         )  # fmt: skip
         iterations += steps
         model.eval()
@@ -478,6 +483,7 @@ def _run_epoch(
     prototypes: PrototypeTargets | None,
     kl_weight: float,
     mode: Mode,
+    penalty: Penalty | None,
     max_steps: int | None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``order`` in minibatches; returns the mean loss parts and the step count."""
@@ -493,8 +499,9 @@ def _run_epoch(
         loss = compute_loss(
             model, batch, train, kl_weight=kl_weight, prototypes=prototypes, sample=True
         )
+        total = loss.total if penalty is None else loss.total + penalty()
         optimiser.zero_grad(set_to_none=True)
-        loss.total.backward()
+        total.backward()
         if train.grad_clip:
             nn.utils.clip_grad_norm_(params, train.grad_clip)
         optimiser.step()

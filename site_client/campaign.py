@@ -2,35 +2,52 @@
 
 Everything about the site's data comes from its SuperNode's own configuration (written by
 ``fedatlas site node``) and never leaves the site: the data path, batch and label keys, the
-signing key. The ClientApp checks the composite's signature against the coordinator key the
-site trusts, trains the adaptor on its cells and answers with the signed bundle only.
+signing key. In a simulation (``fedatlas coordinator simulate``) a node has only a partition
+id, and the same settings come from the run's federation file (``shared/virtual_sites.py``).
+The ClientApp checks the composite's signature against the coordinator key the site trusts,
+trains the adaptor on its cells and answers with the signed bundle only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedatlas.shared.flower import BUNDLE_RECORD, COMPOSITE_RECORD
 
 
-def train(message: Any, context: Any) -> Any:
-    """Handle a campaign message: map the site's cells, reply with its signed bundle."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+@dataclass
+class SiteData:
+    """The site's cells as its SuperNode configuration names them."""
 
-    from fedatlas.shared.annotations import annotate
-    from fedatlas.shared.bundle import make_bundle
-    from fedatlas.shared.composite import CompositeStatement
+    site_id: str
+    adata: Any  # anndata.AnnData
+    cells: Any  # fedatlas.shared.dataset.CellTable
+
+
+def load_site_data(node: Any) -> SiteData:
+    """Read the site's ``.h5ad`` named by its node configuration (never sent anywhere)."""
     from fedatlas.shared.dataset import extract_cells
-    from fedatlas.shared.h5ad import read_h5ad, write_h5ad
-    from fedatlas.shared.mapping import map_cells
+    from fedatlas.shared.h5ad import read_h5ad
+
+    adata = read_h5ad(Path(str(node["data"])))
+    labels = [str(node["label-key"])] if str(node.get("label-key", "")) else []
+    cells = extract_cells(
+        adata, source=str(node["data"]), batch_key=str(node["batch-key"]), label_keys=labels
+    )
+    return SiteData(str(node["site-id"]), adata, cells)
+
+
+def verified_composite(received: Any, node: Any) -> Any:
+    """The composite of a campaign message, after checking its signature against the
+    coordinator key this site trusts (pinned, or ``coordinator-key`` in its configuration)."""
+    from fedatlas.shared.composite import CompositeStatement
     from fedatlas.shared.release import Release
-    from fedatlas.shared.signing import load_public_key, load_signing_key
+    from fedatlas.shared.signing import load_public_key
     from fedatlas.site_client.trust import trusted_key
 
-    node = context.node_config
-    site_id = str(node["site-id"])
-    received = message.content[COMPOSITE_RECORD]
     release = Release.from_bytes(
         str(received["manifest"]), bytes(received["weights"]), source="campaign composite"
     )
@@ -43,20 +60,55 @@ def train(message: Any, context: Any) -> Any:
         explicit=load_public_key(Path(explicit)) if explicit else None,
     )
     statement.verify(release, trusted, source=f"campaign from {node['superlink']}")
-    key = load_signing_key(Path(str(node["key"])))
-    adata = read_h5ad(Path(str(node["data"])))
-    labels = [str(node["label-key"])] if str(node.get("label-key", "")) else []
-    cells = extract_cells(
-        adata, source=str(node["data"]), batch_key=str(node["batch-key"]), label_keys=labels
-    )
-    result = map_cells(
-        release, cells, site_id=site_id, seed=int(node.get("seed", 0)), progress=False
-    )
+    return release
+
+
+def bundle_reply(message: Any, node: Any, site: SiteData, result: Any) -> Any:
+    """Sign the mapping's adaptor and answer ``message`` with the bundle; annotate the site's
+    own copy of its cells when its configuration names an output file."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedatlas.shared.annotations import annotate
+    from fedatlas.shared.bundle import make_bundle
+    from fedatlas.shared.h5ad import write_h5ad
+    from fedatlas.shared.signing import load_signing_key
+
     if result.adaptor is None:
-        raise ValueError(f"site {site_id}: every batch is already in the composite")
+        raise ValueError(f"site {site.site_id}: every batch is already in the composite")
     if str(node.get("out", "")):
-        annotate(adata, result)
-        write_h5ad(adata, Path(str(node["out"])))
-    bundle = make_bundle(result.adaptor, key)
-    reply = ConfigRecord({"bundle": bundle.raw, "site-id": site_id})
+        annotate(site.adata, result)
+        write_h5ad(site.adata, Path(str(node["out"])))
+    bundle = make_bundle(result.adaptor, load_signing_key(Path(str(node["key"]))))
+    reply = ConfigRecord({"bundle": bundle.raw, "site-id": site.site_id})
     return Message(RecordDict({BUNDLE_RECORD: reply}), reply_to=message)
+
+
+def train(message: Any, context: Any) -> Any:
+    """Handle a campaign message: map the site's cells, reply with its signed bundle."""
+    from fedatlas.shared.mapping import map_cells
+
+    node = site_settings(context)
+    release = verified_composite(message.content[COMPOSITE_RECORD], node)
+    site = load_site_data(node)
+    result = map_cells(
+        release, site.cells, site_id=site.site_id, seed=int(node.get("seed", 0)),
+        epochs=int(node.get("epochs", 0)) or None, progress=False,
+    )  # fmt: skip
+    return bundle_reply(message, node, site, result)
+
+
+def site_settings(context: Any) -> Mapping[str, Any]:
+    """This node's site configuration: its SuperNode's own (a real site), else the entry of its
+    partition in the run's simulation federation file (a virtual site)."""
+    from fedatlas.shared.virtual_sites import virtual_site
+
+    node = context.node_config
+    if "site-id" in node:
+        return dict(node)
+    federation = str(context.run_config.get("simulation-sites", ""))
+    if not federation or "partition-id" not in node:
+        raise ValueError(
+            "this SuperNode has no site configuration: start it with `fedatlas site node`, or "
+            "run a simulation with `fedatlas coordinator simulate`"
+        )
+    return virtual_site(Path(federation), int(node["partition-id"]))

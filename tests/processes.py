@@ -1,4 +1,5 @@
-"""Real coordinator processes on loopback for the tests, and the CLI run as a child process."""
+"""Real coordinator processes on loopback for the tests, and the CLI run as a child process
+(on top of the product's own local launcher, ``fedatlas.deploy.launcher``)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-FEDATLAS = [sys.executable, "-m", "fedatlas.shared.cli"]
-READY = re.compile(r"serving on (\S+):(\d+)")
+from fedatlas.deploy.launcher import FEDATLAS, Service, free_port
+from fedatlas.deploy.launcher import SERVING as READY
+from fedatlas.deploy.launcher import wait_for_text as wait_for_pattern
+
+__all__ = ["FEDATLAS", "Coordinator", "fedatlas", "fedatlas_json", "free_port", "start_fedatlas",
+           "wait_for_text"]  # fmt: skip
 
 
 def fedatlas(*args: str, env: dict[str, str] | None = None, check: bool = True) -> Any:
@@ -89,3 +93,16 @@ class Coordinator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_fedatlas(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``fedatlas ARGS`` as a child process logging to ``log``."""
+    return subprocess.Popen(
+        [*FEDATLAS, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )  # fmt: skip
+
+
+def wait_for_text(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait until ``text`` appears in ``log`` (fail if ``process`` exits first)."""
+    wait_for_pattern(Service(log.stem, process, log), re.escape(text), timeout)

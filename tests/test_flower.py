@@ -4,16 +4,13 @@ authentication): ``fedatlas coordinator superlink``, ``fedatlas site node`` per 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
 import pytest
-from processes import FEDATLAS, fedatlas, fedatlas_json
+from processes import fedatlas, fedatlas_json, free_port, start_fedatlas, wait_for_text
 
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.cellbench import load_scenario
@@ -28,30 +25,6 @@ from fedatlas.shared.release import Release
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 
 SITES = {"h1": "sc_celseq2_5cl_p2", "h2": "sc_celseq2_5cl_p3", "h3": "sc_celseq2_5cl_p1"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*FEDATLAS, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-    )  # fmt: skip
-
-
-def _wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in log.read_text(errors="replace"):
-            return
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"{text!r} did not appear:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture
@@ -73,25 +46,27 @@ def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, object
         assert main(["-q", "site", "keygen", "--out", str(tmp_path / site)]) == 0
         assert main(["-q", "admin", "site", "enroll", "--store", str(store), "--site-id", site,
                      "--public-key", str(tmp_path / site / "site.pub")]) == 0  # fmt: skip
-    address = f"127.0.0.1:{_port()}"
+    address = f"127.0.0.1:{free_port()}"
     processes = []
-    superlink = _start(["coordinator", "superlink", "--store", str(store), "--address", address],
-                       tmp_path / "superlink.log")  # fmt: skip
+    superlink = start_fedatlas(
+        ["coordinator", "superlink", "--store", str(store), "--address", address],
+        tmp_path / "superlink.log",
+    )
     processes.append(superlink)
     try:
-        _wait_for(tmp_path / "superlink.log", "superlink on", superlink, 90)
+        wait_for_text(tmp_path / "superlink.log", "superlink on", superlink, 90)
         for site in SITES:
-            node = _start(
+            node = start_fedatlas(
                 ["site", "node", "--superlink", address, "--ca", str(store / "ca.pem"),
                  "--site-id", site, "--key", str(tmp_path / site / "site.key"),
                  "--data", str(tmp_path / f"{site}.h5ad"), "--batch-key", "batch",
-                 "--label-key", "cell_line", "--port", str(_port()),
+                 "--label-key", "cell_line", "--port", str(free_port()),
                  "--known-coordinators", str(tmp_path / site / "known.json")],
                 tmp_path / f"{site}-node.log",
             )  # fmt: skip
             processes.append(node)
         for site in SITES:
-            _wait_for(tmp_path / f"{site}-node.log", "SuperNode ID", processes[-1], 90)
+            wait_for_text(tmp_path / f"{site}-node.log", "SuperNode ID", processes[-1], 90)
         yield {"store": store, "address": address, "release": release, "root": tmp_path,
                "queries": data.queries}  # fmt: skip
     finally:
@@ -164,11 +139,11 @@ def test_a_supernode_whose_key_is_not_enrolled_is_refused(
 ) -> None:
     assert main(["-q", "site", "keygen", "--out", str(tmp_path / "stranger")]) == 0
     log = tmp_path / "stranger-node.log"
-    node = _start(
+    node = start_fedatlas(
         ["site", "node", "--superlink", str(federation["address"]), "--ca",
          str(Path(str(federation["store"])) / "ca.pem"), "--site-id", "stranger",
          "--key", str(tmp_path / "stranger" / "site.key"), "--data",
-         str(tmp_path / "h1.h5ad"), "--batch-key", "batch", "--port", str(_port())],
+         str(tmp_path / "h1.h5ad"), "--batch-key", "batch", "--port", str(free_port())],
         log,
     )  # fmt: skip
     try:

@@ -9,6 +9,7 @@ surgery appends rows for new conditions and mapping trains only those rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -249,15 +250,22 @@ class CondVAE(nn.Module):
         for table in self.condition_tables().values():
             table.freeze()
 
-    def add_conditions(self, n_new: int) -> None:
+    def add_conditions(self, n_new: int, initial: Mapping[str, Tensor] | None = None) -> None:
         """Architecture surgery: append ``n_new`` trainable rows to every condition table.
 
-        New rows start at the mean of the known rows (an "average known condition"); tables
-        with no known rows keep their default initialisation.
+        New rows start from ``initial[NAME]`` where given (rows a site kept, e.g. from federated
+        training), else at the mean of the known rows (an "average known condition"); tables
+        with neither keep their default initialisation.
         """
-        for table in self.condition_tables().values():
-            init = None
-            if table.n_frozen:
+        initial = initial or {}
+        for name, table in self.condition_tables().items():
+            init = initial.get(name)
+            if init is not None and tuple(init.shape) != (n_new, *table.row_shape):
+                raise ValueError(
+                    f"initial rows of {name} have shape {tuple(init.shape)}, "
+                    f"expected {(n_new, *table.row_shape)}"
+                )
+            if init is None and table.n_frozen:
                 init = table.frozen.mean(dim=0, keepdim=True).expand(n_new, *table.row_shape)
             table.add_rows(n_new, init)
 

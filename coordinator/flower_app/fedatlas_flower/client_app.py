@@ -1,8 +1,9 @@
-"""ClientApp: train this site's adaptor on its own cells and answer with the signed bundle."""
+"""ClientApp: a site's answers to campaigns and federated builds, from its own cells."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedatlas.site_client import federated_build
 from fedatlas.site_client.campaign import train
 
 app = ClientApp()
@@ -10,5 +11,29 @@ app = ClientApp()
 
 @app.train()
 def handle(message: Message, context: Context) -> Message:
-    """Answer a campaign message."""
+    """Answer a campaign message: the signed bundle of this site's adaptor."""
     return train(message, context)
+
+
+@app.query("genes")
+def genes(message: Message, context: Context) -> Message:
+    """Federated build: this site's gene names."""
+    return federated_build.genes(message, context)
+
+
+@app.query("votes")
+def votes(message: Message, context: Context) -> Message:
+    """Federated build: this site's per-batch gene votes."""
+    return federated_build.votes(message, context)
+
+
+@app.train("round")
+def train_round(message: Message, context: Context) -> Message:
+    """Federated build: one round of local training; the trunk goes back."""
+    return federated_build.train_round(message, context)
+
+
+@app.train("finish")
+def finish(message: Message, context: Context) -> Message:
+    """Federated build: this site's signed adaptor on the federated release."""
+    return federated_build.finish(message, context)

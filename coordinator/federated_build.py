@@ -1,0 +1,166 @@
+"""The coordinator side of a federated reference build (runs inside Flower's ServerApp).
+
+Steps (see :mod:`fedatlas.shared.federated`): ask every SuperNode for its gene names, then for
+its gene votes over their union; elect the genes; run the FedAvg/FedProx rounds; publish the
+final trunk as a signed release in the store; send it to the sites, whose signed adaptors are
+registered through :meth:`Registry.submit` exactly like campaign bundles. A site that fails or
+does not answer a step is reported and left out of the later steps; the build stops when fewer
+than ``min-sites`` remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedatlas.coordinator.campaign import (
+    composite_record,
+    latest_composite,
+    register_reply,
+    wait_for_nodes,
+    write_report,
+)
+from fedatlas.coordinator.registry import Registry
+from fedatlas.shared.errors import FedatlasError
+from fedatlas.shared.federated import (
+    FederatedPlan,
+    RoundUpdate,
+    average_trunks,
+    elect_genes,
+    federated_release,
+    gene_universe,
+    initial_trunk,
+    round_record,
+)
+from fedatlas.shared.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
+from fedatlas.shared.preprocessing import GeneVotes
+
+log = logging.getLogger(__name__)
+
+
+class BuildAbortedError(FedatlasError):
+    """Too few sites remain for a federated build to go on."""
+
+
+class _Steps:
+    """Sends one step's message to the remaining nodes and keeps track of who dropped out."""
+
+    def __init__(self, grid: Any, plan: FederatedPlan, timeout: float, min_sites: int,
+                 report: dict[str, Any]) -> None:  # fmt: skip
+        self.grid, self.plan, self.timeout, self.min_sites = grid, plan, timeout, min_sites
+        self.report = report
+        self.site_of: dict[int, str] = {}
+
+    def ask(self, nodes: list[int], message_type: str, settings: Mapping[str, Any],
+            arrays: Any = None, composite: Any = None) -> dict[int, Any]:  # fmt: skip
+        """The replies (by node) of ``nodes`` to one step; failed or silent nodes are reported."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        config = ConfigRecord({"plan": self.plan.to_json(), **settings})
+        records: dict[str, Any] = {FEDERATED_RECORD: config}
+        if arrays is not None:
+            records[TRUNK_RECORD] = arrays
+        if composite is not None:
+            records[COMPOSITE_RECORD] = composite
+        messages = [
+            Message(content=RecordDict(records), dst_node_id=n, message_type=message_type)
+            for n in nodes
+        ]
+        replies: dict[int, Any] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                self._drop(node, message_type, f"failed: {reply.error.reason}")
+            else:
+                replies[node] = reply
+        for node in set(nodes) - set(replies) - set(self.report["dropped"]):
+            self._drop(node, message_type, f"no answer within {self.timeout:g} s")
+        if len(replies) < self.min_sites:
+            raise BuildAbortedError(
+                f"federated build stopped at {message_type}: {len(replies)} site(s) answered, "
+                f"{self.min_sites} required"
+            )
+        return replies
+
+    def _drop(self, node: int, step: str, reason: str) -> None:
+        site = self.site_of.get(node, "")
+        log.warning("node %d (%s) left the build at %s: %s", node, site or "?", step, reason)
+        self.report["dropped"][str(node)] = {"site_id": site, "step": step, "reason": reason}
+
+
+def run_federated_build(grid: Any, context: Any) -> dict[str, Any]:
+    """Run the whole build; returns (and writes) the report, also when it is aborted."""
+    config = context.run_config
+    store, report_path = Path(str(config["store"])), Path(str(config["report"]))
+    min_sites, timeout = int(config["min-sites"]), float(config["timeout"])
+    plan = FederatedPlan.from_json(str(config["plan"]))
+    report: dict[str, Any] = {
+        "task": "federated-build", "plan": plan.to_dict(), "sites": [], "rounds": [],
+        "dropped": {}, "timed_out": [], "completed": False,
+    }  # fmt: skip
+    try:
+        _build(grid, store, plan, timeout, min_sites, report)
+        report["completed"] = True
+    except BuildAbortedError as exc:
+        report["error"] = str(exc)
+    write_report(report_path, report)
+    return report
+
+
+def _build(grid: Any, store: Path, plan: FederatedPlan, timeout: float, min_sites: int,
+           report: dict[str, Any]) -> None:  # fmt: skip
+    from flwr.app import ArrayRecord
+
+    steps = _Steps(grid, plan, timeout, min_sites, report)
+    nodes = wait_for_nodes(grid, min_sites, timeout)
+    answers = steps.ask(nodes, "query.genes", {})
+    steps.site_of = {n: str(r.content[FEDERATED_RECORD]["site-id"]) for n, r in answers.items()}
+    universe = gene_universe([list(r.content[FEDERATED_RECORD]["genes"]) for r in answers.values()])
+    answers = steps.ask(sorted(answers), "query.votes", {"universe": universe})
+    votes = [
+        GeneVotes(
+            detected=r.content[TRUNK_RECORD]["detected"].numpy(),
+            dispersions=r.content[TRUNK_RECORD]["dispersions"].numpy(),
+        )
+        for r in answers.values()
+    ]
+    genes = elect_genes(universe, votes, plan)
+    log.info("federated build: %d sites, %d genes elected of %d", len(answers), len(genes),
+             len(universe))  # fmt: skip
+    trunk = initial_trunk(plan, len(genes))
+    n_cells: dict[str, int] = {}
+    for r in range(plan.rounds):
+        started = time.perf_counter()
+        answers = steps.ask(
+            sorted(answers), "train.round", {"genes": genes, "round": r},
+            arrays=ArrayRecord(torch_state_dict=trunk),
+        )  # fmt: skip
+        updates = {
+            steps.site_of[n]: RoundUpdate(
+                reply.content[TRUNK_RECORD].to_torch_state_dict(),
+                int(reply.content[FEDERATED_RECORD]["n-cells"]),
+                float(reply.content[FEDERATED_RECORD]["loss"]),
+            )
+            for n, reply in answers.items()
+        }
+        trunk = average_trunks([(u.trunk, u.n_cells) for u in updates.values()])
+        n_cells = {s: u.n_cells for s, u in updates.items()}
+        report["rounds"].append(round_record(r, updates, time.perf_counter() - started))
+        log.info("federated round %d/%d done", r + 1, plan.rounds)
+    release = federated_release(
+        plan, genes, trunk, n_cells=sum(n_cells.values()), sites=sorted(n_cells),
+        history=report["rounds"],
+    )  # fmt: skip
+    with Registry(store) as registry:
+        registry.publish_release(release, actor="federated build")
+        report["release_id"] = release.content_hash
+        report["genes"] = len(genes)
+        payload = composite_record(registry)
+        report["generation"] = int(payload["generation"])
+        finished = steps.ask(sorted(answers), "train.finish", {}, composite=payload)
+        for node, reply in sorted(finished.items()):
+            report["sites"].append(register_reply(registry, node, reply))
+        report.update(latest_composite(registry))
