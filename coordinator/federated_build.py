@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,24 @@ class _Steps:
             Message(content=RecordDict(records), dst_node_id=n, message_type=message_type)
             for n in nodes
         ]
+        return self.collect(
+            nodes, message_type, self.grid.send_and_receive(messages, timeout=self.timeout)
+        )
+
+    def collect(
+        self, nodes: list[int], message_type: str, answers: Iterable[Any]
+    ) -> dict[int, Any]:
+        """The good replies among ``answers`` to a step sent to ``nodes``; the others dropped."""
         replies: dict[int, Any] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        failed: set[int] = set()
+        for reply in answers:
             node = int(reply.metadata.src_node_id)
             if reply.has_error():
+                failed.add(node)
                 self._drop(node, message_type, f"failed: {reply.error.reason}")
             else:
                 replies[node] = reply
-        for node in set(nodes) - set(replies) - set(self.report["dropped"]):
+        for node in sorted(set(nodes) - set(replies) - failed):
             self._drop(node, message_type, f"no answer within {self.timeout:g} s")
         if len(replies) < self.min_sites:
             raise BuildAbortedError(

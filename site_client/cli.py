@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedatlas.shared.cli import add_data_arguments, add_subcommand, print_result, read_cells
+from fedatlas.site_client.report import MAX_QUERY_CELLS, MAX_REFERENCE_CELLS
 
 if TYPE_CHECKING:
-    from anndata import AnnData
+    from collections.abc import Callable
 
-    from fedatlas.shared.dataset import CellTable
+    import numpy as np
+    from numpy.typing import NDArray
+
     from fedatlas.shared.mapping import MappingResult
     from fedatlas.shared.release import Release
     from fedatlas.site_client.client import CoordinatorClient
@@ -31,7 +34,7 @@ def register(groups: Any, name: str, help_text: str) -> None:
     """Add the ``site`` command group."""
     site = groups.add_parser(name, help=help_text, description=help_text)
     commands = site.add_subparsers(
-        dest="site_command", metavar="{map,keygen,pull,prepare,send,submit,node}"
+        dest="site_command", metavar="{map,report,keygen,pull,prepare,send,submit,node}"
     )
     commands.required = True
     mapping = add_subcommand(
@@ -43,11 +46,49 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "for every other batch the release's network gets new condition parameters, only those "
         "are trained, and they form the site's adaptor (--adaptor-out). The output is the input "
         "plus obsm['X_fedatlas'], obs['fedatlas_label'], obs['fedatlas_uncertainty'], "
-        "obs['fedatlas_unknown'] and uns['fedatlas'].",
+        "obs['fedatlas_unknown'] and uns['fedatlas']. Large files are streamed in chunks with "
+        "bounded memory (see --chunk-size; progress shows cells mapped and cells per second).",
     )
     mapping.add_argument("--reference", required=True, type=Path, help="release directory")
     _add_mapping_arguments(mapping, site_default="query")
     mapping.add_argument("--adaptor-out", type=Path, help="write the site's adaptor to this file")
+
+    report = add_subcommand(
+        commands, "report", _report, "draw a mapping's results: UMAPs, uncertainty, embeddings",
+        "Reads the .h5ad that `site map` wrote and writes into --out: UMAPs of the query cells "
+        "by predicted label and by uncertainty (with the reference cells in grey and the "
+        "prototypes when --reference is given), a histogram of uncertainties with the unknown "
+        "threshold, a PCA of the learnt condition embeddings (scpoli preset), index.html with "
+        "all of them embedded, and report.json with the numbers.",
+    )  # fmt: skip
+    report.add_argument("--data", required=True, type=Path, help=".h5ad written by `site map`")
+    report.add_argument(
+        "--out", required=True, type=Path, help="folder for index.html, report.json and PNGs"
+    )
+    report.add_argument(
+        "--reference",
+        type=Path,
+        help="the release or composite the cells were mapped onto: draws its reference cells, "
+        "prototypes and condition embeddings (default: the query cells only)",
+    )
+    report.add_argument(
+        "--label-key", help="obs column with the cells' true labels: adds accuracy and a confusion "
+        "table",
+    )  # fmt: skip
+    report.add_argument(
+        "--max-reference-cells",
+        type=int,
+        default=MAX_REFERENCE_CELLS,
+        help=f"reference cells drawn at most (random subset; {MAX_REFERENCE_CELLS:,})",
+    )
+    report.add_argument(
+        "--max-cells",
+        type=int,
+        default=MAX_QUERY_CELLS,
+        help=f"query cells drawn at most; numbers use all cells ({MAX_QUERY_CELLS:,})",
+    )
+    report.add_argument("--seed", type=int, default=0, help="random seed of the UMAP (default 0)")
+    report.add_argument("--json", action="store_true", help="print report.json to stdout")
 
     keygen = add_subcommand(
         commands, "keygen", _keygen, "make this site's signing key pair",
@@ -103,11 +144,14 @@ def register(groups: Any, name: str, help_text: str) -> None:
     )
 
     node = add_subcommand(
-        commands, "node", _node, "run this site's Flower SuperNode for adaptor campaigns",
+        commands, "node", _node,
+        "run this site's Flower SuperNode for campaigns and federated builds",
         "flower-supernode that connects out to the SuperLink (TLS, authenticated with "
         "KEYDIR/flower_node.key beside --key). In a campaign it trains this site's adaptor on "
-        "--data and answers with the signed bundle; the data path and keys stay in this "
-        "node's own configuration. Stops with its children on SIGTERM or Ctrl-C.",
+        "--data and answers with the signed bundle; in a federated reference build it sends "
+        "gene-level statistics, trains the shared trunk with its own condition rows each "
+        "round (the rows stay here) and finally its adaptor. The data path and keys stay in "
+        "this node's own configuration. Stops with its children on SIGTERM or Ctrl-C.",
     )  # fmt: skip
     node.add_argument("--superlink", required=True, metavar="HOST:PORT")
     node.add_argument("--ca", required=True, type=Path, help="the coordinator's CA certificate")
@@ -171,6 +215,24 @@ def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str
         default=10,
         help="labels with fewer cells get no prototype in the adaptor (default 10)",
     )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="N",
+        help="read, map and label the file N cells at a time in bounded memory (streaming; "
+        "the output is a copy of the input with the results added, X never loaded); 0 loads "
+        "the file whole. Default: chunks of 10,000 cells when the count matrix stores more than "
+        "10^8 values (about 300,000 cells of 330 detected genes), else load it whole",
+    )
+    parser.add_argument(
+        "--train-cells",
+        type=int,
+        default=50_000,
+        metavar="N",
+        help="when streaming, train the new batches' condition rows on at most N of their "
+        "cells, drawn at random and shared equally among the new batches (default 50,000); "
+        "loaded whole, every cell is used",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -206,21 +268,23 @@ def _map(args: argparse.Namespace) -> int:
     from fedatlas.shared.release import Release
 
     release = Release.load(args.reference)
-    adata, cells = read_cells(args)
-    if args.adaptor_out is not None:
+
+    def require_new_batch(batches: NDArray[np.str_]) -> None:
         known = set(release.condition_names)
-        if all(condition_name(args.site_id, b) in known for b in set(cells.batches.tolist())):
+        if all(condition_name(args.site_id, b) in known for b in set(batches.tolist())):
             raise ConfigError(
                 f"--adaptor-out: every batch of {args.data} is already a condition of the release "
                 f"(as {args.site_id}/BATCH), so there is no adaptor to train; drop --adaptor-out "
                 "or map them as new conditions under another --site-id"
             )
-    result = _map_and_write(args, release, adata, cells)
+
+    check = require_new_batch if args.adaptor_out is not None else None
+    result, chunk_cells = _map_and_write(args, release, check)
     adaptor_bytes = 0
     if args.adaptor_out is not None and result.adaptor is not None:
         adaptor_bytes = len(result.adaptor.to_bytes())
         result.adaptor.save(args.adaptor_out)
-    payload, lines = _mapping_report(args, result)
+    payload, lines = _mapping_report(args, result, chunk_cells)
     payload.update(adaptor_file=str(args.adaptor_out or ""), adaptor_bytes=adaptor_bytes)
     if result.adaptor is not None and args.adaptor_out is not None:
         lines.append(
@@ -232,13 +296,38 @@ def _map(args: argparse.Namespace) -> int:
 
 
 def _map_and_write(
-    args: argparse.Namespace, release: Release, adata: AnnData, cells: CellTable
-) -> MappingResult:
-    """Map the dataset of ``args`` onto ``release`` and write the annotated copy to --out."""
+    args: argparse.Namespace,
+    release: Release,
+    check_batches: Callable[[NDArray[np.str_]], None] | None = None,
+) -> tuple[MappingResult, int]:
+    """Map the dataset of ``args`` onto ``release`` and write the annotated copy to --out, in
+    memory or in chunks (--chunk-size); ``check_batches`` sees the cells' batches before any
+    mapping work. Returns the result and the cells per chunk (0: the file was loaded whole)."""
     from fedatlas.shared.annotations import annotate
     from fedatlas.shared.h5ad import write_h5ad
     from fedatlas.shared.mapping import map_cells
+    from fedatlas.shared.streaming import chunk_cells_for, map_h5ad, read_annotations
 
+    chunk_cells = chunk_cells_for(args.data, args.layer, args.chunk_size)
+    if chunk_cells:
+        if check_batches is not None:
+            _, batches, _ = read_annotations(
+                args.data, batch_key=args.batch_key, label_keys=args.label_key,
+                gene_key=args.gene_key,
+            )  # fmt: skip
+            check_batches(batches)
+        streamed = map_h5ad(
+            release, args.data, args.out, batch_key=args.batch_key, label_keys=args.label_key,
+            layer=args.layer, gene_key=args.gene_key, chunk_cells=chunk_cells,
+            train_cells=args.train_cells, site_id=args.site_id, epochs=args.epochs,
+            seed=args.seed, min_gene_overlap=args.min_gene_overlap, transfer=args.transfer,
+            unknown_threshold=args.unknown_threshold,
+            min_prototype_cells=args.min_prototype_cells, progress=not args.quiet,
+        )  # fmt: skip
+        return streamed, chunk_cells
+    adata, cells = read_cells(args)
+    if check_batches is not None:
+        check_batches(cells.batches)
     result = map_cells(
         release,
         cells,
@@ -254,15 +343,21 @@ def _map_and_write(
     )
     annotate(adata, result)
     write_h5ad(adata, args.out)
-    return result
+    return result, 0
 
 
 def _mapping_report(
-    args: argparse.Namespace, result: MappingResult
+    args: argparse.Namespace, result: MappingResult, chunk_cells: int
 ) -> tuple[dict[str, Any], list[str]]:
-    """JSON payload and readable lines describing a mapping."""
+    """JSON payload and readable lines describing a mapping (``chunk_cells``: cells per chunk
+    when the file was streamed, 0 when it was loaded whole)."""
     n_cells = int(result.latent.shape[0])
-    payload: dict[str, Any] = {"out": str(args.out), "n_cells": n_cells, **result.provenance()}
+    payload: dict[str, Any] = {
+        "out": str(args.out),
+        "n_cells": n_cells,
+        "chunk_cells": chunk_cells,
+        **result.provenance(),
+    }
     alignment = result.alignment
     lines = [
         f"mapped {n_cells:,} cells onto release {result.release.content_hash}",
@@ -283,6 +378,49 @@ def _mapping_report(
             f"  labels ({level}) {n_unknown:,} cells unknown (uncertainty > {transfer.threshold})"
         )
     return payload, lines
+
+
+# ------------------------------------------------------------------------------- report
+def _report(args: argparse.Namespace) -> int:
+    from fedatlas.shared.errors import ConfigError
+    from fedatlas.shared.h5ad import read_h5ad
+    from fedatlas.shared.release import Release
+    from fedatlas.site_client.report import INDEX_HTML, check_mapped, write_report
+
+    if args.max_reference_cells < 0 or args.max_cells < 1:
+        raise ConfigError("--max-reference-cells must be >= 0 and --max-cells >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: exists and is not a folder")
+    adata = read_h5ad(args.data)
+    check_mapped(adata, str(args.data))
+    release = Release.load(args.reference) if args.reference is not None else None
+    summary = write_report(
+        adata,
+        args.out,
+        release,
+        label_key=args.label_key,
+        source=str(args.data),
+        seed=args.seed,
+        max_reference_cells=args.max_reference_cells,
+        max_query_cells=args.max_cells,
+    )
+    lines = [
+        f"report of {summary.n_cells:,} mapped cells written to {args.out / INDEX_HTML}",
+        f"  called unknown  {summary.n_unknown:,} ({summary.unknown_share:.1%}; uncertainty > "
+        f"{summary.unknown_threshold:g}), mean uncertainty {summary.mean_uncertainty:.3f}",
+        "  labels          "
+        + ", ".join(f"{k} {v:,}" for k, v in list(summary.label_counts.items())[:8])
+        + (" ..." if len(summary.label_counts) > 8 else ""),
+    ]
+    if summary.truth is not None and summary.truth["accuracy"] is not None:
+        lines.append(
+            f"  accuracy        {summary.truth['accuracy']:.3f} on types the reference knows "
+            f"({summary.truth['n_known_type_cells']:,} cells)"
+        )
+    lines.append(f"  figures         {', '.join(summary.figures.values())}")
+    lines += [f"  note            {n}" for n in summary.notes]
+    print_result(summary.to_dict(), args.json, lines)
+    return 0
 
 
 # ----------------------------------------------------------------------- keys and network
@@ -378,8 +516,7 @@ def _prepare_bundle(
     from fedatlas.shared.signing import load_signing_key
 
     key = load_signing_key(args.key)
-    adata, cells = read_cells(args)
-    result = _map_and_write(args, release, adata, cells)
+    result, chunk_cells = _map_and_write(args, release)
     if result.adaptor is None:
         raise ConfigError(
             f"{args.data}: every batch is already a condition of the reference (as "
@@ -390,7 +527,7 @@ def _prepare_bundle(
     tmp = bundle_out.with_name(f".{bundle_out.name}.tmp")
     tmp.write_bytes(bundle.raw)
     tmp.replace(bundle_out)
-    payload, lines = _mapping_report(args, result)
+    payload, lines = _mapping_report(args, result, chunk_cells)
     payload.update(bundle=str(bundle_out), bundle_id=bundle.bundle_id, bundle_bytes=len(bundle.raw))
     lines.append(
         f"  bundle          {bundle.bundle_id} -> {bundle_out} ({len(bundle.raw):,} bytes)"

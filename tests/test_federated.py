@@ -1,13 +1,18 @@
 """Federated reference training in one process (the algorithm the Flower apps transport):
-gene election, FedAvg/FedProx, what stays at a site, and how the release and adaptors come out."""
+gene election, FedAvg/FedProx, what stays at a site, how the release and adaptors come out, and
+how the coordinator treats a site that fails a step (with a stand-in for Flower's Grid)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 
+from fedatlas.coordinator.federated_build import BuildAbortedError, _Steps
 from fedatlas.coordinator.verification import Rejection, _check_norms
 from fedatlas.shared.adaptor import compose
 from fedatlas.shared.config import PreprocessingRecipe
@@ -168,3 +173,29 @@ def test_a_bad_plan_is_refused_with_a_reason(overrides: dict[str, object], messa
         _plan(**overrides)
     with pytest.raises(ConfigError, match="not JSON"):
         FederatedPlan.from_json("{")
+
+
+def _reply(node: int, kind: str) -> Any:
+    """A stand-in for a Flower reply: ``ok`` or ``error``."""
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node),
+        has_error=lambda: kind == "error",
+        error=SimpleNamespace(reason="ClientApp raised ValueError"),
+        content={},
+    )
+
+
+def test_a_site_that_fails_or_stays_silent_is_reported_and_left_out() -> None:
+    report: dict[str, Any] = {"dropped": {}}
+    steps = _Steps(None, _plan(), timeout=5.0, min_sites=1, report=report)
+    steps.site_of = {1: "h1", 2: "h2", 3: "h3"}
+    # node 3 never answers
+    replies = steps.collect([1, 2, 3], "train.round", [_reply(1, "ok"), _reply(2, "error")])
+    assert sorted(replies) == [1]
+    assert report["dropped"]["2"] == {
+        "site_id": "h2", "step": "train.round", "reason": "failed: ClientApp raised ValueError"
+    }  # fmt: skip
+    assert report["dropped"]["3"]["reason"] == "no answer within 5 s"
+    strict = _Steps(None, _plan(), timeout=5.0, min_sites=2, report={"dropped": {}})
+    with pytest.raises(BuildAbortedError, match="1 site\\(s\\) answered, 2 required"):
+        strict.collect([1, 2, 3], "query.genes", [_reply(1, "ok"), _reply(2, "error")])
