@@ -22,12 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedatlas.shared.adaptor import compose
 from fedatlas.shared.cellbench import REFERENCE_STEMS, find_cellbench_dir, load_scenario
 from fedatlas.shared.dataset import CellTable, extract_cells
-from fedatlas.shared.evaluation import MappedQuery, ReferenceCells, evaluate
+from fedatlas.shared.evaluation import ReferenceCells, map_and_evaluate
 from fedatlas.shared.federated import (
     FederatedPlan,
     SiteTrainer,
@@ -35,23 +33,11 @@ from fedatlas.shared.federated import (
     federated_release,
     train_federated,
 )
-from fedatlas.shared.mapping import map_cells
 from fedatlas.shared.reference import build_reference
 from fedatlas.shared.release import Release
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MARGIN = 0.01  # "reached": within this of the central reference's overall score
-
-
-def score(release: Release, queries: Mapping[str, Any], reference: ReferenceCells | None) -> Any:
-    """Map both query plates (unlabelled) onto ``release`` and score them."""
-    mapped = []
-    for stem, query in queries.items():
-        table = extract_cells(query, source=stem, batch_key="batch")
-        result = map_cells(release, table, site_id=stem, progress=False)
-        truth = query.obs["cell_line"].astype(str).to_numpy(object)
-        mapped.append(MappedQuery(stem, truth, result, 0.0))
-    return evaluate(release, mapped, reference=reference)
 
 
 def score_round(genes: list[str], trunk: Trunk, trainers: Mapping[str, SiteTrainer],
@@ -62,14 +48,9 @@ def score_round(genes: list[str], trunk: Trunk, trainers: Mapping[str, SiteTrain
                                 history=[])  # fmt: skip
     finished = {s: t.finish(release) for s, t in trainers.items()}
     composite = compose(release, [m.adaptor for m in finished.values() if m.adaptor])
-    latents, labels, batches = [], [], []
-    for site, trainer in trainers.items():
-        again = map_cells(composite, trainer.cells, site_id=site, progress=False)
-        latents.append(again.latent)
-        labels.append(trainer.cells.labels["cell_line"])
-        batches.append(np.full(trainer.cells.n_cells, site, dtype=object))
-    cells = ReferenceCells(np.vstack(latents), np.concatenate(labels), np.concatenate(batches))
-    scores = score(composite, queries, cells)
+    sites = {s: t.cells for s, t in trainers.items()}
+    cells = ReferenceCells.embedded(composite, sites, "cell_line")
+    scores = map_and_evaluate(composite, queries, label_key="cell_line", reference=cells)
     return {"overall": scores["integration"]["overall"], "accuracy": scores["accuracy"]}
 
 
@@ -89,7 +70,7 @@ def run(preset: str, rounds: int, local_epochs: int, strategies: list[str]) -> d
     started = time.perf_counter()
     central_release = build_reference(cells, preset=preset, seed=0, progress=False).release
     central_seconds = time.perf_counter() - started
-    central = score(central_release, data.queries, None)
+    central = map_and_evaluate(central_release, data.queries, label_key="cell_line")
     out: dict[str, Any] = {
         "preset": preset, "local_epochs": local_epochs, "margin": MARGIN,
         "central": {"overall": central["integration"]["overall"],

@@ -53,11 +53,7 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "a signed bundle, registered exactly like a gRPC submission. Prints each site's "
         "outcome; exit status 0 only when the run completed.",
     )  # fmt: skip
-    campaign.add_argument("--store", required=True, type=Path, help="coordinator store")
-    campaign.add_argument("--superlink", required=True, metavar="HOST:PORT")
-    campaign.add_argument("--min-sites", type=int, default=1, help="wait for this many nodes")
-    campaign.add_argument("--timeout", type=float, default=600.0, help="seconds per phase")
-    campaign.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_run_arguments(campaign, min_sites="wait for this many nodes", timeout="seconds per phase")
 
     build = add_subcommand(
         commands, "federated-build", _federated_build,
@@ -70,8 +66,7 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "site's kept rows become its adaptor, verified and registered like a campaign bundle. "
         "Exit status 0 only when every step completed with at least --min-sites sites.",
     )  # fmt: skip
-    build.add_argument("--store", required=True, type=Path, help="coordinator store")
-    build.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    _add_run_arguments(build, min_sites="sites required at every step", timeout="seconds per step")
     build.add_argument(
         "--model", default="scpoli", choices=sorted(PRESET_NAMES), help="preset (scpoli)"
     )
@@ -87,9 +82,6 @@ def register(groups: Any, name: str, help_text: str) -> None:
     )  # fmt: skip
     build.add_argument("--finish-epochs", type=int, help="epochs of each site's final fine-tune")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--min-sites", type=int, default=1, help="sites required at every step")
-    build.add_argument("--timeout", type=float, default=600.0, help="seconds per step")
-    build.add_argument("--json", action="store_true", help="print the report as JSON")
 
     simulate = add_subcommand(
         commands, "simulate", _simulate,
@@ -113,6 +105,15 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "--parallel", type=int, default=2, help="virtual sites training at a time (2)"
     )
     simulate.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, *, min_sites: str, timeout: str) -> None:
+    """The options of every Flower run the coordinator starts on its SuperLink."""
+    parser.add_argument("--store", required=True, type=Path, help="coordinator store")
+    parser.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    parser.add_argument("--min-sites", type=int, default=1, help=min_sites)
+    parser.add_argument("--timeout", type=float, default=600.0, help=timeout)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -167,11 +168,10 @@ def _federated_build(args: argparse.Namespace) -> int:
     report = run_federated_build(
         args.store, args.superlink, plan, min_sites=args.min_sites, timeout=args.timeout
     )
-    rows = [
-        [s["site_id"] or "-", s["node_id"], s["state"], s.get("reason_code", ""), s["reason"]]
-        for s in report["sites"]
-    ] + [[d["site_id"] or "-", n, f"left at {d['step']}", "", d["reason"]]
-         for n, d in report["dropped"].items()]  # fmt: skip
+    rows = _site_rows(report) + [
+        [d["site_id"] or "-", n, f"left at {d['step']}", "", d["reason"]]
+        for n, d in report["dropped"].items()
+    ]
     last = report["rounds"][-1]["loss"] if report["rounds"] else {}
     status = "completed" if report["completed"] else f"stopped: {report.get('error', '')}"
     print_result(
@@ -197,13 +197,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """One table row per site that answered: outcome and reason."""
+    return [
+        [s["site_id"] or "-", s["node_id"], s["state"], s.get("reason_code", ""), s["reason"]]
+        for s in report["sites"]
+    ]
+
+
 def _print_campaign(report: dict[str, Any], as_json: bool) -> None:
     from fedatlas.shared.cli import print_result, table
 
-    rows = [
-        [s["site_id"] or "-", s["node_id"], s["state"], s.get("reason_code", ""), s["reason"]]
-        for s in report["sites"]
-    ] + [["-", n, "timed out", "", ""] for n in report["timed_out"]]
+    rows = _site_rows(report) + [["-", n, "timed out", "", ""] for n in report["timed_out"]]
     print_result(
         report,
         as_json,

@@ -8,16 +8,19 @@ uncertainty for types it does not know, and the share of cells called unknown.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from anndata import AnnData
 from numpy.typing import NDArray
 
+from fedatlas.shared.dataset import CellTable, extract_cells
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.label_transfer import UNKNOWN
-from fedatlas.shared.mapping import MappingResult
+from fedatlas.shared.mapping import MappingResult, map_cells
 from fedatlas.shared.metrics import (
     integration_scores,
     knn_purity,
@@ -57,6 +60,42 @@ class ReferenceCells:
             )
         names = np.asarray(release.condition_names, dtype=object)
         return cls(ref[0], labels, names[ref[1]])
+
+    @classmethod
+    def embedded(
+        cls, release: Release, sites: Mapping[str, CellTable], label_key: str
+    ) -> ReferenceCells:
+        """Cells of sites whose conditions ``release`` already holds, embedded with it (a
+        federated release keeps no reference cells; for scoring only)."""
+        latents, labels, batches = [], [], []
+        for site, cells in sites.items():
+            result = map_cells(release, cells, site_id=site, progress=False)
+            if result.adaptor is not None:
+                raise ConfigError(f"site {site}: its batches are not all in the release")
+            latents.append(result.latent)
+            labels.append(cells.labels[label_key])
+            batches.append(np.full(cells.n_cells, site, dtype=object))
+        return cls(np.vstack(latents), np.concatenate(labels), np.concatenate(batches))
+
+
+def map_and_evaluate(
+    release: Release,
+    queries: Mapping[str, AnnData],
+    *,
+    label_key: str,
+    batch_key: str = "batch",
+    reference: ReferenceCells | None = None,
+) -> dict[str, Any]:
+    """Map each query (its ``batch_key`` batches as site ``NAME``, labels hidden) onto
+    ``release`` and score it against ``obs[label_key]`` with :func:`evaluate`."""
+    mapped = []
+    for name, query in queries.items():
+        started = time.perf_counter()
+        cells = extract_cells(query, source=name, batch_key=batch_key)
+        result = map_cells(release, cells, site_id=name, progress=False)
+        truth = query.obs[label_key].astype(str).to_numpy(dtype=object)
+        mapped.append(MappedQuery(name, truth, result, time.perf_counter() - started))
+    return evaluate(release, mapped, reference=reference)
 
 
 def evaluate(

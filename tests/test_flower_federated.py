@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from processes import fedatlas_json
 
@@ -17,11 +16,10 @@ from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.deploy.launcher import LocalLauncher
 from fedatlas.shared.cellbench import REFERENCE_STEMS, load_scenario
 from fedatlas.shared.cli import main
-from fedatlas.shared.dataset import CellTable, extract_cells
-from fedatlas.shared.evaluation import MappedQuery, ReferenceCells, evaluate
-from fedatlas.shared.mapping import map_cells
+from fedatlas.shared.dataset import extract_cells
+from fedatlas.shared.evaluation import ReferenceCells, map_and_evaluate
 from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import LATENT_TENSOR, Release
+from fedatlas.shared.release import LATENT_TENSOR
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 
@@ -60,29 +58,6 @@ def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, Any]]:
                "reference": data.reference}  # fmt: skip
 
 
-def _scores(release: Release, queries: dict[str, Any], reference: ReferenceCells | None) -> Any:
-    mapped = []
-    for stem, query in queries.items():
-        table = extract_cells(query, source=stem, batch_key="batch")
-        result = map_cells(release, table, site_id=stem, progress=False)
-        truth = query.obs["cell_line"].astype(str).to_numpy(object)
-        mapped.append(MappedQuery(stem, truth, result, 0.0))
-    return evaluate(release, mapped, reference=reference)
-
-
-def _projected(composite: Release, sites: dict[str, CellTable]) -> ReferenceCells:
-    """The reference sites' cells embedded with the composite (for scoring only: in a real
-    federation these latents stay at the sites)."""
-    latents, labels, batches = [], [], []
-    for site, cells in sites.items():
-        result = map_cells(composite, cells, site_id=site, progress=False)
-        assert result.adaptor is None  # every batch is already the site's own condition
-        latents.append(result.latent)
-        labels.append(cells.labels["cell_line"])
-        batches.append(np.full(cells.n_cells, site, dtype=object))
-    return ReferenceCells(np.vstack(latents), np.concatenate(labels), np.concatenate(batches))
-
-
 def test_federated_build_matches_the_central_reference(federation: dict[str, Any]) -> None:
     store = federation["store"]
     report = fedatlas_json(
@@ -113,13 +88,15 @@ def test_federated_build_matches_the_central_reference(federation: dict[str, Any
         set(federation["reference"].obs["cell_line"].astype(str))
     )
 
-    projected = _projected(composite, federation["sites"])
-    federated = _scores(composite, federation["queries"], projected)
+    projected = ReferenceCells.embedded(composite, federation["sites"], "cell_line")
+    federated = map_and_evaluate(
+        composite, federation["queries"], label_key="cell_line", reference=projected
+    )
     cells = extract_cells(
         federation["reference"], source="reference", batch_key="batch", label_keys=["cell_line"]
     )
     central_release = build_reference(cells, preset="scpoli", seed=0, progress=False).release
-    central = _scores(central_release, federation["queries"], None)
+    central = map_and_evaluate(central_release, federation["queries"], label_key="cell_line")
     print(f"\nfederated {federated}\ncentral {central}")
     assert federated["accuracy"] >= central["accuracy"] - ACCURACY_MARGIN
     overall = federated["integration"]["overall"]
