@@ -21,24 +21,28 @@ __all__ = ["FEDATLAS", "Coordinator", "fedatlas", "fedatlas_json", "free_port", 
            "wait_for_text"]  # fmt: skip
 
 
-def fedatlas(*args: str, env: dict[str, str] | None = None, check: bool = True) -> Any:
-    """Run ``fedatlas ARGS`` in a child process; the completed process."""
+def fedatlas(
+    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 600
+) -> Any:
+    """Run ``fedatlas ARGS`` in a child process (at most ``timeout`` s); the completed process."""
     run = subprocess.run(
         [*FEDATLAS, *args],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})},
         check=False,
-        timeout=600,
+        timeout=timeout,
     )
     if check and run.returncode != 0:
         raise AssertionError(f"fedatlas {' '.join(args)} failed ({run.returncode}):\n{run.stderr}")
     return run
 
 
-def fedatlas_json(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+def fedatlas_json(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> dict[str, Any]:
     """Run ``fedatlas ARGS --json`` and parse what it prints."""
-    result: dict[str, Any] = json.loads(fedatlas(*args, "--json", env=env).stdout)
+    result: dict[str, Any] = json.loads(fedatlas(*args, "--json", env=env, timeout=timeout).stdout)
     return result
 
 

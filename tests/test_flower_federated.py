@@ -65,6 +65,7 @@ def test_federated_build_matches_the_central_reference(federation: dict[str, Any
         "--superlink", federation["address"], "--model", "scpoli",
         "--rounds", str(ROUNDS), "--local-epochs", str(LOCAL_EPOCHS),
         "--label-level", "cell_line", "--min-sites", "3", "--timeout", "300",
+        timeout=1500,  # 13 Flower steps, each a fresh ClientApp process per site: ~7 min at load 9
     )  # fmt: skip
     assert report["completed"]
     assert report["status"] == "finished:completed"
