@@ -58,9 +58,39 @@ def extract_cells(
     if matrix is None:
         raise InputDataError(f"{source}: X is empty; pass --layer NAME with the raw counts")
     counts = as_count_matrix(matrix, f"{source} ({where})")
-    batches = _batch_column(adata.obs, batch_key, source)
-    labels = {key: _label_column(adata.obs, key, source) for key in label_keys}
-    return CellTable(counts, _gene_names(adata, gene_key, source), batches, labels)
+    genes, batches, labels = extract_annotations(
+        adata.obs, adata.var, source=source, batch_key=batch_key, label_keys=label_keys,
+        gene_key=gene_key,
+    )  # fmt: skip
+    return CellTable(counts, genes, batches, labels)
+
+
+def extract_annotations(
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    *,
+    source: str,
+    batch_key: str,
+    label_keys: Sequence[str] = (),
+    gene_key: str | None = None,
+) -> tuple[list[str], NDArray[np.str_], dict[str, NDArray[np.object_]]]:
+    """Validated gene names, batches and labels (as in :class:`CellTable`) from ``obs`` and
+    ``var``; ``obs`` needs only the batch and label columns."""
+    require_obs_columns(obs.columns, source=source, batch_key=batch_key, label_keys=label_keys)
+    batches = _batch_column(obs, batch_key, source)
+    labels = {key: _label_column(obs, key) for key in label_keys}
+    return _gene_names(var, gene_key, source), batches, labels
+
+
+def require_obs_columns(
+    columns: Sequence[str], *, source: str, batch_key: str, label_keys: Sequence[str] = ()
+) -> None:
+    """Refuse a batch or label key that is not an obs column, listing the columns there are."""
+    for key, option in [(batch_key, "--batch-key"), *((k, "--label-key") for k in label_keys)]:
+        if key not in columns:
+            raise InputDataError(
+                f"{source}: no obs column {key!r} for {option}; columns: {_listing(columns)}"
+            )
 
 
 def condition_name(site_id: str, batch: str) -> str:
@@ -75,10 +105,6 @@ def label_targets(labels: NDArray[np.object_], vocab: Sequence[str]) -> NDArray[
 
 
 def _batch_column(obs: pd.DataFrame, key: str, source: str) -> NDArray[np.str_]:
-    if key not in obs.columns:
-        raise InputDataError(
-            f"{source}: no obs column {key!r} for --batch-key; columns: {_listing(obs.columns)}"
-        )
     column = obs[key]
     missing = column.isna().to_numpy()
     if missing.any():
@@ -93,25 +119,20 @@ def _batch_column(obs: pd.DataFrame, key: str, source: str) -> NDArray[np.str_]:
     return values.astype(np.str_)
 
 
-def _label_column(obs: pd.DataFrame, key: str, source: str) -> NDArray[np.object_]:
-    if key not in obs.columns:
-        raise InputDataError(
-            f"{source}: no obs column {key!r} for --label-key; columns: {_listing(obs.columns)}"
-        )
+def _label_column(obs: pd.DataFrame, key: str) -> NDArray[np.object_]:
     column = obs[key]
     values = column.astype(object).where(column.notna(), UNLABELED).astype(str).to_numpy()
     return values.astype(object)
 
 
-def _gene_names(adata: ad.AnnData, gene_key: str | None, source: str) -> list[str]:
+def _gene_names(var: pd.DataFrame, gene_key: str | None, source: str) -> list[str]:
     if gene_key is None:
-        return [str(g) for g in adata.var_names]
-    if gene_key not in adata.var.columns:
+        return [str(g) for g in var.index]
+    if gene_key not in var.columns:
         raise InputDataError(
-            f"{source}: no var column {gene_key!r} for --gene-key; columns: "
-            f"{_listing(adata.var.columns)}"
+            f"{source}: no var column {gene_key!r} for --gene-key; columns: {_listing(var.columns)}"
         )
-    return [str(g) for g in adata.var[gene_key].astype(str)]
+    return [str(g) for g in var[gene_key].astype(str)]
 
 
 def _listing(names: object) -> str:

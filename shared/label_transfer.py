@@ -115,4 +115,5 @@ def knn_transfer(
     )
     best = probs.argmax(axis=1)
     uncertainty = (1.0 - probs[np.arange(latent.shape[0]), best]).clip(0, 1).astype(np.float32)
-    return Transfer(labels=vocab[best].astype(object), uncertainty=uncertainty, threshold=threshold)
+    labels = vocab.astype(object)[best]  # one string object per label, shared by its cells
+    return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from numpy.typing import NDArray
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SITE = "query"
 DEFAULT_MIN_PROTOTYPE_CELLS = 10
+TRANSFER_CHUNK_CELLS = 65_536  # cells labelled at a time
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def map_cells(
     unknown_threshold: float | None = None,
     min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS,
     train_overrides: Mapping[str, Any] | None = None,
+    initial_rows: Mapping[str, torch.Tensor] | None = None,
     source: str = "dataset",
     progress: bool = True,
 ) -> MappingResult:
@@ -119,14 +121,105 @@ def map_cells(
     ``cells.labels`` (optional) correspond, in order, to the release's label levels; labelled
     cells of new batches steer adaptor training with the prototype loss and give the site's
     prototypes (only labels with at least ``min_prototype_cells`` cells leave the site).
+    ``initial_rows`` (per condition table, one row per new condition in sorted batch order)
+    start the adaptor from rows the site already has, e.g. from federated reference training.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    plan = plan_mapping(
+        release, cells.genes, cells.batches, cells.labels, site_id=site_id, epochs=epochs,
+        seed=seed, min_gene_overlap=min_gene_overlap, transfer=transfer,
+        unknown_threshold=unknown_threshold, min_prototype_cells=min_prototype_cells,
+        train_overrides=train_overrides, initial_rows=initial_rows, source=source,
+    )  # fmt: skip
+    model, recipe = plan.model, release.recipe
+    data = TrainingData.for_recipe(
+        plan.alignment.apply(cells.counts), plan.conditions, plan.targets(), recipe
+    )
+    timings["prepare"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    latent = None
+    if model.dsbn is not None and plan.new:
+        # The encoder never sees the condition: the latent is final before any training, and
+        # the new branches' statistics are estimated from it in one pass.
+        latent = latent_means(model, data, recipe)
+        estimate_dsbn_statistics(model, data, recipe, latent)
+    fit_result = train_adaptor(plan, _fresh_cells(data, plan.n_known), progress=progress)
+    timings["train"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    if latent is None:
+        reporter = Progress("projecting", data.n_cells, "cell", enabled=progress)
+        latent = latent_means(model, data, recipe, progress=reporter)
+    timings["project"] = time.perf_counter() - t2
+    return finish_mapping(plan, latent, fit_result, timings)
+
+
+@dataclass
+class MappingPlan:
+    """What is settled before any cell is projected: the gene alignment, every cell's
+    condition, the network after surgery, the label vocabularies and the training recipe."""
+
+    release: Release
+    site_id: str
+    alignment: GeneAlignment
+    assignments: list[ConditionAssignment]
+    conditions: NDArray[np.int64]  # per cell: its row in the model's condition tables
+    model: CondVAE
+    catalogue: list[PrototypeSet]  # the release's prototypes per label level
+    site_labels: list[NDArray[np.object_]]  # per label key given: every cell's label
+    vocabularies: list[list[str]]  # per label key: the release's labels, then the site's new
+    train: TrainConfig
+    method: str
+    threshold: float
+    seed: int
+    min_prototype_cells: int
+
+    @property
+    def n_known(self) -> int:
+        """Conditions the release already has (condition rows below this index are frozen)."""
+        return len(self.release.condition_names)
+
+    @property
+    def new(self) -> list[ConditionAssignment]:
+        """The site's batches that become new conditions."""
+        return [a for a in self.assignments if not a.known]
+
+    def targets(self, rows: NDArray[np.int64] | None = None) -> list[NDArray[np.int64]]:
+        """Per label key, the prototype index each cell of ``rows`` (default all) is pulled
+        towards (-1: unlabelled)."""
+        return [
+            label_targets(labels if rows is None else labels[rows], vocabulary)
+            for labels, vocabulary in zip(self.site_labels, self.vocabularies, strict=True)
+        ]
+
+
+def plan_mapping(
+    release: Release,
+    genes: Sequence[str],
+    batches: NDArray[np.str_],
+    labels: Mapping[str, NDArray[np.object_]],
+    *,
+    site_id: str = DEFAULT_SITE,
+    epochs: int | None = None,
+    seed: int = 0,
+    min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
+    transfer: TransferMethod | None = None,
+    unknown_threshold: float | None = None,
+    min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS,
+    train_overrides: Mapping[str, Any] | None = None,
+    initial_rows: Mapping[str, torch.Tensor] | None = None,
+    source: str = "dataset",
+) -> MappingPlan:
+    """Check the options, align ``genes``, give every cell its condition and operate on the
+    network (after seeding torch with ``seed``: the new rows' initialisation draws from it).
+    Arguments as for :func:`map_cells`, with the cells' gene names, batches and labels."""
     torch.manual_seed(seed)
     levels = release.label_levels
-    if len(cells.labels) > len(levels):
+    if len(labels) > len(levels):
         raise ConfigError(
-            f"{len(cells.labels)} label keys given but the release has {len(levels)} label "
+            f"{len(labels)} label keys given but the release has {len(levels)} label "
             f"level(s) ({', '.join(levels) or 'none'})"
         )
     transfer_defaults = release.content["transfer"]
@@ -134,40 +227,62 @@ def map_cells(
     threshold = (
         transfer_defaults["unknown_threshold"] if unknown_threshold is None else unknown_threshold
     )
-    alignment = align_genes(cells.genes, release.genes, min_overlap=min_gene_overlap, source=source)
+    alignment = align_genes(genes, release.genes, min_overlap=min_gene_overlap, source=source)
     if alignment.n_missing:
         log.warning(
             "%s: %d of %d release genes are missing and were zero-filled",
             source, alignment.n_missing, alignment.n_release_genes,
         )  # fmt: skip
-    assignments, conditions = _assign_conditions(release, cells.batches, site_id)
-    new = [a for a in assignments if not a.known]
-    model = operate(release, len(new))
+    assignments, conditions = _assign_conditions(release, batches, site_id)
+    model = operate(release, sum(not a.known for a in assignments), initial_rows)
     catalogue = [release.prototypes(lv) for lv in levels]
-    site_labels = list(cells.labels.values())
-    data, new_labels = _training_data(
-        release, alignment.apply(cells.counts), conditions, site_labels, catalogue
-    )
-    timings["prepare"] = time.perf_counter() - t0
-
-    t1 = time.perf_counter()
+    site_labels = list(labels.values())
+    # Labels the release knows point at its prototypes, labels new to it at prototypes learnt
+    # from the site's cells.
+    vocabularies = [
+        [
+            *catalogue[i].labels,
+            *sorted({str(v) for v in values} - {UNLABELED} - set(catalogue[i].labels)),
+        ]
+        for i, values in enumerate(site_labels)
+    ]
     train = (
         release.mapping_defaults if epochs is None else release.mapping_defaults.scaled_to(epochs)
     )
     if train_overrides:
         train = TrainConfig.from_dict({**train.to_dict(), **train_overrides})
-    latent = None
-    if model.dsbn is not None and new:
-        # The encoder never sees the condition: the latent is final before any training, and
-        # the new branches' statistics are estimated from it in one pass.
-        latent = latent_means(model, data, release.recipe)
-        estimate_dsbn_statistics(model, data, release.recipe, latent)
+    return MappingPlan(
+        release=release,
+        site_id=site_id,
+        alignment=alignment,
+        assignments=assignments,
+        conditions=conditions,
+        model=model,
+        catalogue=catalogue,
+        site_labels=site_labels,
+        vocabularies=vocabularies,
+        train=train,
+        method=method,
+        threshold=float(threshold),
+        seed=seed,
+        min_prototype_cells=min_prototype_cells,
+    )
+
+
+def train_adaptor(
+    plan: MappingPlan, data: TrainingData | None, *, progress: bool
+) -> FitResult | None:
+    """Train the plan's new condition rows on ``data`` (cells of new batches only; None only
+    when there is nothing to train), then prove that every release tensor is unchanged. None
+    when nothing was trained."""
     fit_result = None
+    new, train, model = plan.new, plan.train, plan.model
     if new and train.epochs > 0:
-        n_known = len(release.condition_names)
+        if data is None:
+            raise ValueError("new conditions to train but no training cells")
         prototypes = PrototypeTargets(
-            [torch.from_numpy(c.means) for c in catalogue[: len(site_labels)]],
-            [len(catalogue[i]) + len(n) for i, n in enumerate(new_labels)],
+            [torch.from_numpy(c.means) for c in plan.catalogue[: len(plan.site_labels)]],
+            [len(vocabulary) for vocabulary in plan.vocabularies],
             model.config.latent_dim,
         )
         reporter = Progress(
@@ -175,76 +290,65 @@ def map_cells(
             train.epochs, "epoch", enabled=progress,
         )  # fmt: skip
         fit_result = fit(
-            model, _fresh_cells(data, n_known), train, release.recipe, mode="mapping",
-            prototypes=prototypes, seed=seed, progress=reporter,
+            model, data, train, plan.release.recipe, mode="mapping",
+            prototypes=prototypes, seed=plan.seed, progress=reporter,
         )  # fmt: skip
         reporter.finish("stopped early" if fit_result.stopped_early else "")
-    timings["train"] = time.perf_counter() - t1
-    assert_frozen(release, model)
+    assert_frozen(plan.release, model)
+    return fit_result
 
-    t2 = time.perf_counter()
-    if latent is None:
-        reporter = Progress("projecting", data.n_cells, "cell", enabled=progress)
-        latent = latent_means(model, data, release.recipe, progress=reporter)
-    timings["project"] = time.perf_counter() - t2
 
+def finish_mapping(
+    plan: MappingPlan,
+    latent: NDArray[np.float32],
+    fit_result: FitResult | None,
+    seconds: dict[str, float],
+    *,
+    sampled_cells: int | None = None,
+) -> MappingResult:
+    """The site's prototypes and adaptor (when it has new batches) and every cell's labels,
+    from the latent means of all cells. ``sampled_cells``: how many cells of new batches the
+    adaptor was trained on, when that was a sample of them."""
+    release, new = plan.release, plan.new
     adaptor = None
     site_sets: list[PrototypeSet] = []
     dropped: dict[str, dict[str, int]] = {}
     if new:
-        fresh_rows = conditions >= len(release.condition_names)
+        fresh_rows = plan.conditions >= plan.n_known
         site_sets, dropped = _site_prototypes(
-            levels, site_labels, latent, fresh_rows, site_id, min_prototype_cells
-        )
+            release.label_levels, plan.site_labels, latent, fresh_rows, plan.site_id,
+            plan.min_prototype_cells,
+        )  # fmt: skip
+        summary = _training_summary(fit_result, plan.train, int(fresh_rows.sum()), sampled_cells)
         adaptor = extract_adaptor(
             release,
-            model,
-            site_id=site_id,
+            plan.model,
+            site_id=plan.site_id,
             conditions=[(a.condition, a.n_cells) for a in new],
             prototypes=site_sets,
-            training=_training_summary(fit_result, train, int(fresh_rows.sum())),
+            training=summary,
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
 
     t3 = time.perf_counter()
-    transfers = _transfer(release, latent, catalogue, site_sets, method, threshold)
-    timings["transfer"] = time.perf_counter() - t3
+    transfers = _transfer(release, latent, plan.catalogue, site_sets, plan.method, plan.threshold)
+    seconds["transfer"] = time.perf_counter() - t3
     return MappingResult(
         release=release,
         latent=latent,
         transfers=transfers,
-        assignments=assignments,
-        alignment=alignment,
+        assignments=plan.assignments,
+        alignment=plan.alignment,
         adaptor=adaptor,
         fit=fit_result,
         trained_parameters=fit_result.trained_parameters if fit_result else 0,
-        total_parameters=model.total_parameter_count(),
-        model=model,
-        transfer_method=method,
-        unknown_threshold=float(threshold),
-        seconds=timings,
+        total_parameters=plan.model.total_parameter_count(),
+        model=plan.model,
+        transfer_method=plan.method,
+        unknown_threshold=plan.threshold,
+        seconds=seconds,
         dropped_prototypes=dropped,
     )
-
-
-def _training_data(
-    release: Release,
-    counts: sp.csr_matrix,
-    conditions: NDArray[np.int64],
-    site_labels: list[NDArray[np.object_]],
-    catalogue: list[PrototypeSet],
-) -> tuple[TrainingData, list[list[str]]]:
-    """Cells with prototype targets: labels the release knows point at its prototypes, labels
-    new to it at prototypes learnt from the site's cells (returned as ``new_labels``)."""
-    new_labels = [
-        sorted({str(v) for v in labels} - {UNLABELED} - set(catalogue[i].labels))
-        for i, labels in enumerate(site_labels)
-    ]
-    targets = [
-        label_targets(labels, list(catalogue[i].labels) + new_labels[i])
-        for i, labels in enumerate(site_labels)
-    ]
-    return TrainingData.for_recipe(counts, conditions, targets, release.recipe), new_labels
 
 
 def _fresh_cells(data: TrainingData, n_known: int) -> TrainingData:
@@ -298,22 +402,42 @@ def _transfer(
 ) -> dict[str, Transfer]:
     """Labels per level, from the release's catalogue merged with the site's own prototypes
     (what the composite will hold), or by kNN on the release's reference latents."""
-    transfers: dict[str, Transfer] = {}
+    rules: dict[str, Callable[[NDArray[np.float32]], Transfer]] = {}
     for i, level in enumerate(release.label_levels):
         if method == "knn":
             ref = release.reference_latents()
             ref_labels = release.reference_labels(level)
             if ref is None or ref_labels is None:
                 raise ConfigError("kNN transfer needs reference latents, which this release lacks")
-            transfers[level] = knn_transfer(latent, ref[0], ref_labels, threshold=threshold)
+            rules[level] = partial(
+                knn_transfer, reference_latent=ref[0], reference_labels=ref_labels,
+                threshold=threshold,
+            )  # fmt: skip
             continue
         merged = merge_prototype_sets([catalogue[i], *site_sets[i : i + 1]])
         if len(merged):
-            transfers[level] = prototype_transfer(latent, merged, threshold=threshold)
+            rules[level] = partial(prototype_transfer, prototypes=merged, threshold=threshold)
     clusters = release.unlabeled_prototypes()
     if not release.label_levels and clusters is not None:
-        transfers["cluster"] = prototype_transfer(latent, clusters, threshold=threshold)
-    return transfers
+        rules["cluster"] = partial(prototype_transfer, prototypes=clusters, threshold=threshold)
+    return {level: _in_chunks(rule, latent, threshold) for level, rule in rules.items()}
+
+
+def _in_chunks(
+    rule: Callable[[NDArray[np.float32]], Transfer], latent: NDArray[np.float32], threshold: float
+) -> Transfer:
+    """``rule`` applied to ``TRANSFER_CHUNK_CELLS`` cells at a time (every rule treats each
+    cell on its own), so its cells x prototypes or neighbours temporaries stay small."""
+    n_cells = latent.shape[0]
+    if n_cells <= TRANSFER_CHUNK_CELLS:
+        return rule(latent)
+    labels = np.empty(n_cells, dtype=object)
+    uncertainty = np.empty(n_cells, dtype=np.float32)
+    for start in range(0, n_cells, TRANSFER_CHUNK_CELLS):
+        rows = slice(start, start + TRANSFER_CHUNK_CELLS)
+        part = rule(latent[rows])
+        labels[rows], uncertainty[rows] = part.labels, part.uncertainty
+    return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)
 
 
 def _assign_conditions(
@@ -345,13 +469,15 @@ def _assign_conditions(
 
 
 def _training_summary(
-    fit_result: FitResult | None, train: TrainConfig, n_cells: int
+    fit_result: FitResult | None, train: TrainConfig, n_cells: int, sampled_cells: int | None
 ) -> dict[str, Any]:
     if fit_result is None or not fit_result.history:
         return {"epochs": 0, "n_cells": n_cells, "trained_parameters": 0}
     last = fit_result.history[-1]
+    sample = {} if sampled_cells is None else {"sampled_cells": sampled_cells}
     return {
         "n_cells": n_cells,
+        **sample,
         "epochs": fit_result.epochs,
         "iterations": fit_result.iterations,
         "stopped_early": fit_result.stopped_early,

@@ -12,6 +12,14 @@ types the world has. `SyntheticWorld.sample` then draws cells:
     p[t, b, :] = softmax(baseline + programme_t + batch_effect_b)
     L_c ~ LogNormal(library_log_mean_b, library_log_sd_b)
 
+Site structure: a batch drawn for a site (``sample(..., site=NAME)``) is the batch
+``NAME/BATCH`` of that site. Its effect is the site's own gene-wise log factor (lab, protocol:
+shared by all of the site's batches, ``site_effect_strength``) plus the batch's own, so batches
+of one site resemble each other more than batches of different sites, and two sites may both
+have a batch called ``b1`` without sharing its effect. `SyntheticWorld.write_h5ad` writes a
+site's cells straight to an ``.h5ad`` file block by block (10^6 cells and more in the memory of
+one block).
+
 Cells are generated in blocks of about 2^21 matrix entries with one random stream per block, so
 memory stays bounded (10^6 cells work: the CSR output is assembled from compact per-block pieces,
 so peak memory is about 1.6 times the output) and the result does not depend on the number of
@@ -22,10 +30,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -33,6 +42,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.h5ad import write_h5ad_blocks
+from fedatlas.shared.progress import Progress
 
 __all__ = [
     "DEFAULT_CELL_TYPES",
@@ -51,6 +62,8 @@ _TAG_TYPE = 2
 _TAG_BATCH = 3
 _TAG_SAMPLE = 4
 _TAG_BLOCK = 5
+_TAG_SITE = 6
+_TAG_FILE_BLOCK = 7
 _BLOCK_ENTRIES = 2**21  # matrix entries generated per random stream / work unit
 _SMALL_MEAN = 2.0  # below this NB mean, nonzero counts are drawn by inverse CDF
 _BASELINE_SD = 1.8  # spread of the shared log-normal baseline expression
@@ -82,7 +95,8 @@ class SyntheticWorld:
     the default gives batch effects that are clearly visible but weaker than cell-type differences
     (a type programme raises ``de_fraction`` of the genes and lowers half as many, each by about
     ``exp(de_log_fold)``-fold). ``library_size`` is the typical number of UMIs per cell over the
-    ``n_genes`` genes.
+    ``n_genes`` genes. ``site_effect_strength`` is the standard deviation of the natural-log
+    gene-wise factor a site adds to all of its batches.
     """
 
     seed: int = 0
@@ -92,6 +106,7 @@ class SyntheticWorld:
     library_size: float = 800.0
     de_fraction: float = 0.06
     de_log_fold: float = 1.5
+    site_effect_strength: float = 0.3
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -106,6 +121,8 @@ class SyntheticWorld:
         object.__setattr__(self, "cell_types", types)
         if self.batch_effect_strength < 0:
             raise ConfigError("batch_effect_strength must be >= 0")
+        if self.site_effect_strength < 0:
+            raise ConfigError("site_effect_strength must be >= 0")
         if self.library_size <= 0:
             raise ConfigError("library_size must be > 0")
         if not 0 < self.de_fraction <= 0.5:
@@ -160,11 +177,24 @@ class SyntheticWorld:
     def _programmes(self) -> dict[str, np.ndarray]:
         return {t: self.programme(t) for t in self.cell_types}
 
-    def mean_profile(self, cell_type: str, batch: str) -> np.ndarray:
-        """Relative expression (sums to 1 over genes) of ``cell_type`` measured in ``batch``."""
+    def site_effect(self, site: str) -> np.ndarray:
+        """Gene log factors that ``site`` adds to each of its batches; a deterministic function
+        of (seed, n_genes, site name, site strength)."""
+        rng = _rng(self.seed, _TAG_SITE, self.n_genes, _name_key(site))
+        return rng.normal(0.0, 1.0, self.n_genes) * self.site_effect_strength
+
+    def mean_profile(self, cell_type: str, batch: str, site: str | None = None) -> np.ndarray:
+        """Relative expression (sums to 1 over genes) of ``cell_type`` measured in ``batch`` (of
+        ``site``: the batch ``site/batch`` with the site's effect added)."""
         if cell_type not in self._programmes:
             raise ConfigError(f"cell type {cell_type!r} is not in this world ({self.cell_types})")
-        logits = self._gene_params[0] + self._programmes[cell_type] + self.batch_effect(batch)[0]
+        logits = (
+            self._gene_params[0]
+            + self._programmes[cell_type]
+            + self.batch_effect(_site_batch(site, batch))[0]
+        )
+        if site is not None:
+            logits += self.site_effect(site)
         p = np.exp(logits - logits.max())
         return p / p.sum()
 
@@ -178,6 +208,7 @@ class SyntheticWorld:
         proportions: Sequence[float] | Mapping[str, float] | None = None,
         seed: int = 0,
         *,
+        site: str | None = None,
         n_threads: int | None = None,
     ) -> anndata.AnnData:
         """Draw ``n_cells`` cells, split as evenly as possible over ``batches`` (in order).
@@ -185,8 +216,10 @@ class SyntheticWorld:
         Within each batch the cell type of each cell is drawn from ``cell_types`` (default: all of
         the world's) with ``proportions`` (default: equal). Returns raw counts as CSR float32
         (integer values); obs ``batch`` and ``cell_type`` (categoricals, categories in the given
-        order), obs_names ``"{batch}:{index}"``, var_names ``gene_00000`` …. The result depends on
-        (world, n_cells, batches, cell_types, proportions, seed) only, not on ``n_threads``.
+        order), obs_names ``"{batch}:{index}"``, var_names ``gene_00000`` …. With ``site`` the
+        batches are that site's (see the module docstring): obs also has ``site`` and obs_names
+        are ``"{site}/{batch}:{index}"``. The result depends on (world, n_cells, batches,
+        cell_types, proportions, seed, site) only, not on ``n_threads``.
         """
         if n_cells < 0:
             raise ConfigError(f"n_cells must be >= 0, got {n_cells}")
@@ -208,32 +241,35 @@ class SyntheticWorld:
         probs = _proportions(types, proportions)
 
         # Cell assignment: batch blocks in order; types drawn within each batch.
-        rng = _rng(self.seed, _TAG_SAMPLE, seed)
+        stream = (seed,) if site is None else (seed, _name_key(site))
+        rng = _rng(self.seed, _TAG_SAMPLE, *stream)
         per_batch = np.full(len(batches), n_cells // len(batches))
         per_batch[: n_cells % len(batches)] += 1
         batch_idx = np.repeat(np.arange(len(batches)), per_batch)
         type_idx = rng.choice(len(types), size=n_cells, p=probs)
 
         # Relative expression per (batch, type) combination; library-size parameters per batch.
-        profiles = np.stack([self.mean_profile(t, b) for b in batches for t in types])
-        lib_params = np.array([self.batch_effect(b)[1:] for b in batches])
+        profiles = np.stack([self.mean_profile(t, b, site) for b in batches for t in types])
+        lib_params = np.array([self.batch_effect(_site_batch(site, b))[1:] for b in batches])
         combo = batch_idx * len(types) + type_idx
 
-        X = self._draw_counts(combo, batch_idx, profiles, lib_params, seed, n_threads)
+        X = self._draw_counts(combo, batch_idx, profiles, lib_params, stream, n_threads)
 
         width = max(6, len(str(max(per_batch.max(), 1) - 1)))
         names = [
-            f"{batch}:{j:0{width}d}"
+            f"{_site_batch(site, batch)}:{j:0{width}d}"
             for batch, n in zip(batches, per_batch, strict=True)
             for j in range(n)
         ]
-        obs = pd.DataFrame(
-            {
-                "batch": pd.Categorical.from_codes(batch_idx, categories=batches),
-                "cell_type": pd.Categorical.from_codes(type_idx, categories=types),
-            },
-            index=pd.Index(names, dtype=object),
-        )
+        columns = {
+            "batch": pd.Categorical.from_codes(batch_idx, categories=batches),
+            "cell_type": pd.Categorical.from_codes(type_idx, categories=types),
+        }
+        if site is not None:
+            columns["site"] = pd.Categorical.from_codes(
+                np.zeros(n_cells, dtype=np.int8), categories=[site]
+            )
+        obs = pd.DataFrame(columns, index=pd.Index(names, dtype=object))
         gene_width = max(5, len(str(self.n_genes - 1)))
         var = pd.DataFrame(
             index=pd.Index([f"gene_{g:0{gene_width}d}" for g in range(self.n_genes)], dtype=object)
@@ -246,7 +282,59 @@ class SyntheticWorld:
             "world_cell_types": list(self.cell_types),
             "batch_effect_strength": float(self.batch_effect_strength),
         }
+        if site is not None:
+            adata.uns["synthetic"].update(
+                site=site, site_effect_strength=float(self.site_effect_strength)
+            )
         return adata
+
+    def write_h5ad(
+        self,
+        path: str | Path,
+        n_cells: int,
+        batches: Sequence[str] = ("batch0", "batch1", "batch2"),
+        cell_types: Sequence[str] | None = None,
+        proportions: Sequence[float] | Mapping[str, float] | None = None,
+        seed: int = 0,
+        *,
+        site: str | None = None,
+        block_cells: int = 100_000,
+        progress: bool = False,
+    ) -> None:
+        """Write ``n_cells`` cells to the ``.h5ad`` file ``path``, drawn ``block_cells`` at a
+        time so that memory holds one block (and the obs table), however many cells.
+
+        Block ``k`` is ``sample(m, batches, cell_types, proportions, seed_k, site=site)`` with
+        its own seed derived from (``seed``, k): the file depends on ``block_cells`` too. The
+        layout is that of :meth:`sample`; obs_names number each batch's cells across blocks.
+        """
+        if block_cells < 1:
+            raise ConfigError(f"block_cells must be >= 1, got {block_cells}")
+        reporter = Progress(f"generating {path}", n_cells, "cell", enabled=progress, rate=True)
+        prefix = "" if site is None else f"{site}/"
+        width = max(6, len(str(max(n_cells, 1) - 1)))
+        counts_so_far = np.zeros(len(batches), dtype=np.int64)
+
+        def blocks() -> Iterator[anndata.AnnData]:
+            for k, start in enumerate(range(0, n_cells, block_cells)):
+                size = min(block_cells, n_cells - start)
+                block_seed = int(_rng(self.seed, _TAG_FILE_BLOCK, seed, k).integers(2**62))
+                block = self.sample(size, batches, cell_types, proportions, block_seed, site=site)
+                codes = block.obs["batch"].cat.codes.to_numpy()
+                per_batch = np.bincount(codes, minlength=len(batches))
+                first = np.concatenate([[0], np.cumsum(per_batch)[:-1]])  # batches are contiguous
+                numbers = counts_so_far[codes] + np.arange(size) - first[codes]
+                counts_so_far[:] += per_batch
+                block.uns["synthetic"].update(sample_seed=seed, block_cells=block_cells)
+                block.obs_names = [
+                    f"{prefix}{batches[c]}:{j:0{width}d}"
+                    for c, j in zip(codes, numbers, strict=True)
+                ]
+                yield block
+                reporter.advance(size)
+
+        write_h5ad_blocks(path, blocks())
+        reporter.finish()
 
     def _draw_counts(
         self,
@@ -254,7 +342,7 @@ class SyntheticWorld:
         batch_idx: np.ndarray,
         profiles: np.ndarray,
         lib_params: np.ndarray,
-        seed: int,
+        stream: tuple[int, ...],
         n_threads: int | None,
     ) -> sp.csr_matrix:
         n_cells, n_genes = len(combo), self.n_genes
@@ -264,7 +352,7 @@ class SyntheticWorld:
 
         def work(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             stop = min(start + block, n_cells)
-            rng = _rng(self.seed, _TAG_BLOCK, seed, start // block)
+            rng = _rng(self.seed, _TAG_BLOCK, stream[0], start // block, *stream[1:])
             bi = batch_idx[start:stop]
             lib = np.exp(rng.normal(lib_params[bi, 0], lib_params[bi, 1]))
             mu = profiles[combo[start:stop]]
@@ -278,6 +366,11 @@ class SyntheticWorld:
         else:
             pieces = [work(s) for s in starts]
         return _assemble_csr(pieces, n_cells, n_genes)
+
+
+def _site_batch(site: str | None, batch: str) -> str:
+    """The name a batch's own effect is drawn for: ``site/batch`` when it belongs to a site."""
+    return batch if site is None else f"{site}/{batch}"
 
 
 def _proportions(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -206,3 +209,38 @@ def test_demo_scenario(demo: tuple[AnnData, dict[str, AnnData]]) -> None:
     assert len(set(all_names)) == len(all_names)
     again, _ = make_demo_scenario(seed=0)
     assert (again.X != reference.X).nnz == 0
+
+
+def test_sites_share_an_effect_across_their_batches() -> None:
+    world = SyntheticWorld(seed=3, n_genes=500, cell_types=("A", "B"))
+
+    def log_profile(batch: str, site: str) -> np.ndarray:
+        return np.log(world.mean_profile("A", batch, site))
+
+    same_site = np.abs(log_profile("b1", "s1") - log_profile("b2", "s1")).mean()
+    other_site = np.abs(log_profile("b1", "s1") - log_profile("b1", "s2")).mean()
+    assert other_site > 1.2 * same_site  # b1 of s2 is another batch, with s2's own effect
+    adata = world.sample(90, batches=("b1", "b2"), seed=1, site="s1")
+    assert list(adata.obs.columns) == ["batch", "cell_type", "site"]
+    assert set(adata.obs["site"]) == {"s1"}
+    assert adata.obs_names[0] == "s1/b1:000000"
+    assert adata.uns["synthetic"]["site"] == "s1"
+    plain = world.sample(90, batches=("b1", "b2"), seed=1)
+    assert (adata.X != plain.X).nnz > 0
+    assert (plain.X != world.sample(90, batches=("b1", "b2"), seed=1).X).nnz == 0
+
+
+def test_write_h5ad_by_blocks(tmp_path: Path) -> None:
+    world = SyntheticWorld(seed=3, n_genes=300, cell_types=("A", "B", "C"))
+    path = tmp_path / "site.h5ad"
+    world.write_h5ad(path, 2500, ("b1", "b2", "b3"), seed=4, site="s1", block_cells=1000)
+    adata = ad.read_h5ad(path)
+    assert adata.shape == (2500, 300)
+    _assert_counts(adata.X)
+    assert adata.obs_names.is_unique
+    assert adata.obs["batch"].value_counts().to_dict() == {"b1": 835, "b2": 833, "b3": 832}
+    assert adata.obs_names[-1] == "s1/b3:000831"  # numbered across blocks per batch
+    assert adata.uns["synthetic"]["block_cells"] == 1000
+    again = tmp_path / "again.h5ad"
+    world.write_h5ad(again, 2500, ("b1", "b2", "b3"), seed=4, site="s1", block_cells=1000)
+    assert (ad.read_h5ad(again).X != adata.X).nnz == 0
