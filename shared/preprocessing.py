@@ -96,13 +96,21 @@ def _per_entry(row_values: NDArray[Any], counts: sp.csr_matrix) -> NDArray[Any]:
     return np.repeat(row_values, np.diff(counts.indptr))
 
 
+def _normalized_values(
+    counts: sp.csr_matrix, library: NDArray[np.float32], target_sum: float
+) -> NDArray[np.float32]:
+    """count / library * target_sum of every stored entry (cells without counts: 0)."""
+    factor = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
+    values = counts.data * _per_entry(factor.astype(np.float32), counts)
+    return values.astype(np.float32, copy=False)
+
+
 def _log_normalized_values(
     counts: sp.csr_matrix, library: NDArray[np.float32], target_sum: float
 ) -> NDArray[np.float32]:
     """log1p(count / library * target_sum) of every stored entry (cells without counts: 0)."""
-    factor = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0)
-    values = counts.data * _per_entry(factor.astype(np.float32), counts)
-    return np.log1p(values, out=values).astype(np.float32, copy=False)
+    values = _normalized_values(counts, library, target_sum)
+    return np.log1p(values, out=values)
 
 
 @dataclass(frozen=True)
@@ -228,11 +236,42 @@ def maxabs_maxima(
     """Per-condition, per-gene maximum of the log-normalised values of raw ``counts`` (0 where
     a gene is absent), folded into ``out`` when given: the maxima of row blocks combine into
     those of all rows, and :func:`maxabs_scales` follows as the maxima with 0 replaced by 1."""
-    values = _log_normalized_values(counts, library_sizes(counts), target_sum)
+    values = _normalized_values(counts, library_sizes(counts), target_sum)
+    n_genes = counts.shape[1]
+    maxima = np.zeros(n_conditions * n_genes, dtype=np.float32)  # the values are >= 0
+    # one flat index per entry: ufunc.at is ~3x faster with it than with a (row, column) pair
+    np.maximum.at(maxima, _per_entry(conditions * n_genes, counts) + counts.indices, values)
+    # log1p is increasing: the log of the maximum is the maximum of the logs
+    maxima = np.log1p(maxima).reshape(n_conditions, n_genes)
     if out is None:
-        out = np.zeros((n_conditions, counts.shape[1]), dtype=np.float32)  # log1p(x) >= 0
-    np.maximum.at(out, (_per_entry(conditions, counts), counts.indices), values)
-    return out
+        return maxima
+    return np.maximum(out, maxima, out=out)
+
+
+def input_values(
+    counts: sp.csr_matrix,
+    library: NDArray[np.float32],
+    recipe: PreprocessingRecipe,
+    scales: NDArray[np.float32] | None = None,
+    scale_index: NDArray[np.int64] | None = None,
+) -> NDArray[np.float32]:
+    """The encoder's input at the stored entries of raw ``counts`` (every transform maps 0 to 0,
+    so the input has the sparsity of the counts).
+
+    log1p(counts / library * target_sum), divided by the MaxAbs row ``scales[scale_index]`` of
+    each cell when the recipe asks for per-batch MaxAbs scaling; log1p(counts) for the
+    ``log_counts`` transform.
+    """
+    if recipe.input_transform == "log_counts":
+        values = np.log1p(counts.data).astype(np.float32)
+    else:
+        values = _log_normalized_values(counts, library, recipe.target_sum)
+    if recipe.input_transform == "log_normalized_maxabs":
+        if scales is None or scale_index is None:
+            raise ValueError("per-batch MaxAbs scales are required by this recipe")
+        n_genes = scales.shape[1]  # a flat index per entry, as in maxabs_maxima: ~2x faster
+        values /= scales.ravel()[_per_entry(scale_index * n_genes, counts) + counts.indices]
+    return values
 
 
 def model_input(
@@ -242,20 +281,8 @@ def model_input(
     scales: NDArray[np.float32] | None = None,
     scale_index: NDArray[np.int64] | None = None,
 ) -> Tensor:
-    """The encoder's input (dense cells x genes) for rows of raw ``counts``.
-
-    log1p(counts / library * target_sum), divided by the MaxAbs row ``scales[scale_index]`` of
-    each cell when the recipe asks for per-batch MaxAbs scaling; log1p(counts) for the
-    ``log_counts`` transform. The transform runs on the non-zero entries only (it maps 0 to 0),
-    then the result is densified once.
-    """
-    if recipe.input_transform == "log_counts":
-        values = np.log1p(counts.data).astype(np.float32)
-    else:
-        values = _log_normalized_values(counts, library, recipe.target_sum)
-    if recipe.input_transform == "log_normalized_maxabs":
-        if scales is None or scale_index is None:
-            raise ValueError("per-batch MaxAbs scales are required by this recipe")
-        values /= scales[_per_entry(scale_index, counts), counts.indices]
+    """The encoder's input (dense cells x genes) for rows of raw ``counts``: :func:`input_values`
+    densified once."""
+    values = input_values(counts, library, recipe, scales, scale_index)
     dense = sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape).toarray()
     return torch.from_numpy(dense)

@@ -23,10 +23,12 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from fedatlas.shared.config import PreprocessingRecipe, TrainConfig
+from fedatlas.shared.nn.layers import SparseRows
 from fedatlas.shared.nn.likelihoods import NonZero
 from fedatlas.shared.nn.mmd import mmd_across_conditions
 from fedatlas.shared.nn.vae import CondVAE
 from fedatlas.shared.preprocessing import (
+    input_values,
     library_sizes,
     maxabs_scales,
     model_input,
@@ -160,27 +162,48 @@ def make_batch(
 
 def iter_inputs(
     data: TrainingData, recipe: PreprocessingRecipe, chunk_cells: int = CHUNK_CELLS
-) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """All cells in order, ``chunk_cells`` at a time: (rows, encoder input, conditions)."""
+) -> Iterator[tuple[slice, SparseRows, Tensor]]:
+    """All cells in order, ``chunk_cells`` at a time: (rows, encoder input, conditions), the
+    input as sparse rows (never densified: see :meth:`CondVAE.sparse_projector`)."""
+    counts = data.counts
     for start in range(0, data.n_cells, chunk_cells):
         rows = slice(start, min(start + chunk_cells, data.n_cells))
-        yield rows, rows_input(data, rows, recipe), torch.from_numpy(data.conditions[rows])
+        first, last = counts.indptr[rows.start], counts.indptr[rows.stop]
+        offsets = counts.indptr[rows.start : rows.stop + 1] - first
+        block = sp.csr_matrix(  # from the arrays: 4x faster than scipy's counts[rows]
+            (counts.data[first:last], counts.indices[first:last], offsets),
+            shape=(offsets.size - 1, counts.shape[1]),
+        )
+        values = input_values(
+            block,
+            data.library[rows],
+            recipe,
+            data.scales,
+            None if data.scale_index is None else data.scale_index[rows],
+        )
+        x = SparseRows(
+            torch.from_numpy(block.indices),
+            torch.from_numpy(block.indptr),
+            torch.from_numpy(values),
+        )
+        yield rows, x, torch.from_numpy(data.conditions[rows])
 
 
 @torch.no_grad()
 def cache_encoder(model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe) -> EncoderCache:
     """The :class:`EncoderCache` of every cell; valid while the encoder's trunk is frozen."""
     model.eval()
+    project = model.sparse_projector()
     if model.encoder_condition is None and model.embedding is None:
         mean = np.empty((data.n_cells, model.config.latent_dim), dtype=np.float32)
         log_var = np.empty_like(mean)
         for rows, x, condition in iter_inputs(data, recipe):
-            m, v = model.encode(x, condition)
+            m, v = model.encode_projected(project(x), condition)
             mean[rows], log_var[rows] = m.numpy(), v.numpy()
         return EncoderCache(mean=mean, log_var=log_var)
     projected = np.empty((data.n_cells, model.encoder_input.out_features), dtype=np.float32)
     for rows, x, _ in iter_inputs(data, recipe):
-        projected[rows] = model.project_input(x).numpy()
+        projected[rows] = project(x).numpy()
     return EncoderCache(projected=projected)
 
 
@@ -195,8 +218,9 @@ def latent_means(
     was_training = model.training
     model.eval()
     out = np.empty((data.n_cells, model.config.latent_dim), dtype=np.float32)
+    project = model.sparse_projector()
     for rows, x, condition in iter_inputs(data, recipe):
-        mean, _ = model.encode(x, condition)
+        mean, _ = model.encode_projected(project(x), condition)
         out[rows] = mean.numpy()
         if progress is not None:
             progress.advance(rows.stop - rows.start)

@@ -11,8 +11,18 @@ import torch
 
 from fedatlas.shared.config import ModelConfig, PreprocessingRecipe, TrainConfig, get_preset
 from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.nn.layers import SparseLinear, SparseRows
 from fedatlas.shared.nn.vae import CondVAE
-from fedatlas.shared.training import TrainingData, compute_loss, fit, make_batch
+from fedatlas.shared.training import (
+    TrainingData,
+    cache_encoder,
+    compute_loss,
+    fit,
+    iter_inputs,
+    latent_means,
+    make_batch,
+    rows_input,
+)
 
 MECHANISMS = ("onehot", "embedding", "dsbn")
 LIKELIHOODS = ("nb", "zinb", "gaussian", "bernoulli", "poisson")
@@ -115,6 +125,51 @@ def test_condition_entry_points() -> None:
         get_preset("scpoli").model_config(100, dispersion="gene-condition"), n_conditions=2
     )
     assert "log_theta_condition" in gene_condition.condition_tables()
+
+
+@pytest.mark.parametrize("preset", ["scpoli", "scarches", "scalex"])
+def test_sparse_projection_matches_the_dense_encoder(preset: str) -> None:
+    # Projection never densifies the input; the dense encoder input gives the same latents.
+    rng = np.random.default_rng(1)
+    n_cells, n_genes = 300, 200
+    stored = rng.random((n_cells, n_genes)) < 0.1
+    stored[::50] = False  # cells without counts
+    counts = sp.csr_matrix(stored * rng.integers(1, 30, (n_cells, n_genes)), dtype=np.float32)
+    conditions = rng.integers(0, 3, n_cells)
+    config = get_preset(preset).model_config(n_genes)
+    recipe = PreprocessingRecipe(n_top_genes=n_genes, input_transform=config.input_transform)
+    data = TrainingData.for_recipe(counts, conditions, [], recipe)
+    torch.manual_seed(0)
+    model = CondVAE(config, n_conditions=3).eval()
+    with torch.no_grad():
+        dense = rows_input(data, slice(None), recipe)
+        projected = model.project_input(dense)
+        mean, log_var = model.encode(dense, torch.from_numpy(conditions))
+    np.testing.assert_allclose(latent_means(model, data, recipe), mean, atol=1e-5)
+    cache = cache_encoder(model, data, recipe)
+    if preset == "scalex":  # the encoder never sees the condition: whole encodings are cached
+        assert cache.mean is not None
+        assert cache.log_var is not None
+        np.testing.assert_allclose(cache.mean, mean, atol=1e-5)
+        np.testing.assert_allclose(cache.log_var, log_var, atol=1e-5)
+    else:
+        np.testing.assert_allclose(cache.projected, projected, atol=1e-5)
+    project = model.sparse_projector()
+    chunked = torch.cat([project(x) for _, x, _ in iter_inputs(data, recipe, chunk_cells=64)])
+    np.testing.assert_allclose(chunked, projected, atol=1e-5)
+
+
+def test_sparse_linear_matches_linear_across_column_blocks() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 300)  # three column blocks, the last one partial
+    dense = torch.rand(6, 40) * (torch.rand(6, 40) < 0.2)
+    dense[2] = 0  # a row without entries gives the bias
+    csr = sp.csr_matrix(dense.numpy())
+    x = SparseRows(
+        torch.from_numpy(csr.indices), torch.from_numpy(csr.indptr), torch.from_numpy(csr.data)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(SparseLinear(linear)(x), linear(dense))
 
 
 def test_invalid_settings_are_refused() -> None:

@@ -18,7 +18,12 @@ from torch import Tensor, nn
 from fedatlas.shared.config import COUNT_LIKELIHOODS, ModelConfig
 from fedatlas.shared.nn import likelihoods
 from fedatlas.shared.nn.conditions import ConditionTable
-from fedatlas.shared.nn.layers import DomainSpecificBatchNorm, HiddenActivation, HiddenStack
+from fedatlas.shared.nn.layers import (
+    DomainSpecificBatchNorm,
+    HiddenActivation,
+    HiddenStack,
+    SparseLinear,
+)
 from fedatlas.shared.nn.likelihoods import NonZero
 
 TABLE_SUFFIX = ".table"
@@ -120,6 +125,10 @@ class CondVAE(nn.Module):
         """First encoder layer without its condition term (cacheable while the trunk is frozen)."""
         out: Tensor = self.encoder_input(x_input)
         return out
+
+    def sparse_projector(self) -> SparseLinear:
+        """:meth:`project_input` for sparse input, with the current weights (no gradient)."""
+        return SparseLinear(self.encoder_input)
 
     def encode_projected(self, projected: Tensor, condition: Tensor) -> tuple[Tensor, Tensor]:
         """Rest of the encoder from :meth:`project_input`'s output: latent mean and log-variance."""
