@@ -28,12 +28,14 @@ from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.federated import (
     FederatedPlan,
     RoundUpdate,
+    Trunk,
     average_trunks,
     elect_genes,
     federated_release,
     gene_universe,
     initial_trunk,
     round_record,
+    trunk_problem,
 )
 from fedatlas.shared.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
 from fedatlas.shared.preprocessing import GeneVotes
@@ -95,6 +97,28 @@ class _Steps:
             )
         return replies
 
+    def usable_updates(
+        self, sent: Trunk, answers: Mapping[int, Any], step: str
+    ) -> dict[str, RoundUpdate]:
+        """The sites' round updates whose trunk fits the one sent (others are dropped)."""
+        updates: dict[str, RoundUpdate] = {}
+        for node, reply in answers.items():
+            returned = reply.content[TRUNK_RECORD].to_torch_state_dict()
+            problem = trunk_problem(sent, returned)
+            if problem:
+                self._drop(node, step, f"unusable trunk: {problem}")
+                continue
+            config = reply.content[FEDERATED_RECORD]
+            updates[self.site_of[node]] = RoundUpdate(
+                returned, int(config["n-cells"]), float(config["loss"])
+            )
+        if len(updates) < self.min_sites:
+            raise BuildAbortedError(
+                f"federated build stopped at {step}: {len(updates)} usable trunk(s), "
+                f"{self.min_sites} required"
+            )
+        return updates
+
     def _drop(self, node: int, step: str, reason: str) -> None:
         site = self.site_of.get(node, "")
         log.warning("node %d (%s) left the build at %s: %s", node, site or "?", step, reason)
@@ -148,14 +172,8 @@ def _build(grid: Any, store: Path, plan: FederatedPlan, timeout: float, min_site
             sorted(answers), "train.round", {"genes": genes, "round": r},
             arrays=ArrayRecord(torch_state_dict=trunk),
         )  # fmt: skip
-        updates = {
-            steps.site_of[n]: RoundUpdate(
-                reply.content[TRUNK_RECORD].to_torch_state_dict(),
-                int(reply.content[FEDERATED_RECORD]["n-cells"]),
-                float(reply.content[FEDERATED_RECORD]["loss"]),
-            )
-            for n, reply in answers.items()
-        }
+        updates = steps.usable_updates(trunk, answers, f"train.round {r + 1}")
+        answers = {n: a for n, a in answers.items() if steps.site_of[n] in updates}
         trunk = average_trunks([(u.trunk, u.n_cells) for u in updates.values()])
         n_cells = {s: u.n_cells for s, u in updates.items()}
         report["rounds"].append(round_record(r, updates, time.perf_counter() - started))

@@ -212,6 +212,24 @@ def average_trunks(updates: Sequence[tuple[Mapping[str, Tensor], int]]) -> Trunk
     return out
 
 
+def trunk_problem(sent: Mapping[str, Tensor], returned: Mapping[str, Tensor]) -> str:
+    """Why a site's returned trunk cannot be averaged with the others ("" when it can): other
+    tensor names, shapes or dtypes than the trunk sent, or values that are not finite."""
+    missing, unexpected = sorted(set(sent) - set(returned)), sorted(set(returned) - set(sent))
+    if missing or unexpected:
+        return f"tensor names differ (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    for name, tensor in sent.items():
+        got = returned[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            return (
+                f"{name}: {got.dtype} {tuple(got.shape)}, expected {tensor.dtype} "
+                f"{tuple(tensor.shape)}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"{name}: holds NaN or infinite values"
+    return ""
+
+
 def gene_universe(gene_lists: Sequence[Sequence[str]]) -> list[str]:
     """The genes of the build's vote: the sorted union of the sites' genes."""
     return sorted(set().union(*(set(g) for g in gene_lists)))

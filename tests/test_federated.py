@@ -26,6 +26,7 @@ from fedatlas.shared.federated import (
     gene_universe,
     initial_trunk,
     train_federated,
+    trunk_problem,
 )
 from fedatlas.shared.mapping import map_cells
 from fedatlas.shared.nn.vae import TABLE_SUFFIX
@@ -199,3 +200,32 @@ def test_a_site_that_fails_or_stays_silent_is_reported_and_left_out() -> None:
     strict = _Steps(None, _plan(), timeout=5.0, min_sites=2, report={"dropped": {}})
     with pytest.raises(BuildAbortedError, match="1 site\\(s\\) answered, 2 required"):
         strict.collect([1, 2, 3], "query.genes", [_reply(1, "ok"), _reply(2, "error")])
+
+
+def test_a_trunk_that_does_not_fit_is_left_out_of_the_average() -> None:
+    sent = {"w": torch.zeros(2, 3), "n": torch.tensor(1, dtype=torch.int64)}
+    good = {"w": torch.ones(2, 3), "n": torch.tensor(2, dtype=torch.int64)}
+    assert trunk_problem(sent, good) == ""
+    assert "missing ['n']" in trunk_problem(sent, {"w": good["w"]})
+    assert "expected torch.float32 (2, 3)" in trunk_problem(sent, {**good, "w": torch.ones(3, 2)})
+    nan = {**good, "w": torch.full((2, 3), float("nan"))}
+    assert "NaN" in trunk_problem(sent, nan)
+
+    def answer(trunk: dict[str, torch.Tensor]) -> Any:
+        return SimpleNamespace(
+            content={
+                "trunk": SimpleNamespace(to_torch_state_dict=lambda: trunk),
+                "federated": {"n-cells": 100, "loss": 1.0},
+            }
+        )
+
+    report: dict[str, Any] = {"dropped": {}}
+    steps = _Steps(None, _plan(), timeout=5.0, min_sites=1, report=report)
+    steps.site_of = {1: "h1", 2: "h2"}
+    updates = steps.usable_updates(sent, {1: answer(good), 2: answer(nan)}, "train.round 1")
+    assert list(updates) == ["h1"]
+    assert report["dropped"]["2"]["reason"].startswith("unusable trunk: w: holds NaN")
+    strict = _Steps(None, _plan(), timeout=5.0, min_sites=2, report={"dropped": {}})
+    strict.site_of = steps.site_of
+    with pytest.raises(BuildAbortedError, match="1 usable trunk"):
+        strict.usable_updates(sent, {1: answer(good), 2: answer(nan)}, "train.round 1")
