@@ -8,7 +8,6 @@ children run in their own session, so stopping a process also stops the children
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedatlas.shared.errors import FedatlasError
+from fedatlas.shared.process_tree import descendants, end_processes
 
 CONNECTION = "fedatlas"  # the connection name in $FLWR_HOME/config.toml
 # record names of a campaign's messages: the composite sent to sites, the bundle they answer
@@ -132,8 +132,10 @@ def supervise(
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a Flower process and the SuperExec children it started; wait for them."""
-    children = _children(process.pid)
+    """SIGTERM a Flower process, wait for it, then end every process it had started below it
+    (SuperExec and the ServerApp/ClientApp processes SuperExec runs), which detach into their
+    own sessions and would otherwise outlive it where nothing reaps their parent."""
+    below = descendants(process.pid)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -141,14 +143,4 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
+    end_processes(below)

@@ -68,6 +68,28 @@ def end_descendants(*, spare: Collection[int] = (), grace: float = 10.0) -> list
     return running
 
 
+def end_processes(pids: Collection[int], *, grace: float = 10.0) -> None:
+    """SIGTERM ``pids`` (processes that may no longer be our descendants), SIGKILL those still
+    running after ``grace`` seconds; a zombie counts as ended."""
+    _signal(list(pids), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (left := _running(pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal(left, signal.SIGKILL)
+
+
+def _running(pids: Collection[int]) -> list[int]:
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
 def _process_table() -> tuple[dict[int, list[int]], set[int]]:
     """Children of every process, and the zombies."""
     children: dict[int, list[int]] = {}
