@@ -133,7 +133,7 @@ def run_federated_build(grid: Any, context: Any) -> dict[str, Any]:
     plan = FederatedPlan.from_json(str(config["plan"]))
     report: dict[str, Any] = {
         "task": "federated-build", "plan": plan.to_dict(), "sites": [], "rounds": [],
-        "dropped": {}, "timed_out": [], "completed": False,
+        "dropped": {}, "completed": False,
     }  # fmt: skip
     try:
         _build(grid, store, plan, timeout, min_sites, report)

@@ -100,10 +100,15 @@ def run_campaign(
 ) -> dict[str, Any]:
     """Run the adaptor campaign (the Flower app ``app``) on the SuperLink and wait for it;
     the campaign's report."""
-    layout = StoreLayout(store)
-    home = flower_dir(store) / "campaign-home"
-    write_connection(home, superlink, layout.ca_certificate)
+    home = _run_home(store, superlink)
     return run_campaign_app(store, home, min_sites=min_sites, timeout=timeout, app=app)
+
+
+def _run_home(store: Path, superlink: str) -> Path:
+    """The ``flwr`` CLI's home for runs the coordinator starts on its SuperLink (over TLS)."""
+    home = flower_dir(store) / "campaign-home"
+    write_connection(home, superlink, StoreLayout(store).ca_certificate)
+    return home
 
 
 def run_campaign_app(
@@ -155,11 +160,8 @@ def run_federated_build(
 ) -> dict[str, Any]:
     """Run a federated reference build (the Flower app's ``federated-build`` task) on the
     SuperLink and wait for it; the build's report."""
-    layout = StoreLayout(store)
-    home = flower_dir(store) / "campaign-home"
-    write_connection(home, superlink, layout.ca_certificate)
     return run_campaign_app(
-        store, home, min_sites=min_sites, timeout=timeout,
+        store, _run_home(store, superlink), min_sites=min_sites, timeout=timeout,
         run_config={"task": "federated-build", "plan": plan.to_json()},
         phases=plan.rounds + 4,
     )  # fmt: skip

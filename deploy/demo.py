@@ -149,8 +149,8 @@ def run_demo(out: Path, *, data_dir: Path | None, model: str, epochs: int | None
 
 
 def _build_reference(out: Path, data: DemoData, model: str, epochs: int | None, seed: int,
-                     progress: bool) -> Any:  # fmt: skip
-    """The operator's reference release (a central build on the reference data)."""
+                     progress: bool) -> None:  # fmt: skip
+    """Build the operator's reference release (centrally) and save it in out/release."""
     from fedatlas.shared.dataset import extract_cells
     from fedatlas.shared.h5ad import write_h5ad
     from fedatlas.shared.reference import build_reference
@@ -161,7 +161,6 @@ def _build_reference(out: Path, data: DemoData, model: str, epochs: int | None, 
     )
     release = build_reference(cells, preset=model, seed=seed, epochs=epochs, progress=progress)
     release.release.save(out / "release", overwrite=True)
-    return release.release
 
 
 def _set_up_coordinator(out: Path, data: DemoData, release_dir: Path) -> Path:

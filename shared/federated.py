@@ -263,6 +263,10 @@ class SiteTrainer:
     site_id: str
     plan: FederatedPlan
     rows: dict[str, Tensor] = field(default_factory=dict)
+    # the cells in the elected genes' order, prepared once for every round (in one process)
+    _prepared: tuple[tuple[str, ...], TrainingData, list[int]] | None = field(
+        default=None, repr=False
+    )
 
     def gene_names(self) -> list[str]:
         """The site's gene names (sent for the universe)."""
@@ -330,6 +334,8 @@ class SiteTrainer:
         return next(iter(self.cells.labels.values())) if self.cells.labels else None
 
     def _training_data(self, genes: Sequence[str]) -> tuple[TrainingData, list[int]]:
+        if self._prepared is not None and self._prepared[0] == tuple(genes):
+            return self._prepared[1], self._prepared[2]
         aligned = align_genes(self.cells.genes, list(genes), source=self.site_id)
         index = np.searchsorted(np.asarray(self.batch_names), self.cells.batches).astype(np.int64)
         labels = self._labels()
@@ -341,6 +347,7 @@ class SiteTrainer:
         data = TrainingData.for_recipe(
             aligned.apply(self.cells.counts), index, targets, self.plan.recipe
         )
+        self._prepared = (tuple(genes), data, n_labels)
         return data, n_labels
 
 
