@@ -95,7 +95,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Ours against the peers, one line each."""
     lines = [
         f"{'preset':9} {'scen':4} {'':6} {'overall':>8} {'acc':>6} {'macroF1':>8} "
-        f"{'AUROC':>6} {'map s':>7} {'trained/total':>20}"
+        f"{'AUROC':>6} {'map s':>7} {'trained/total':>20}  unknown calls (unseen / seen)"
     ]
     for r in rows:
         key = (r["preset"], r["scenario"])
@@ -107,7 +107,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['preset']:9} {r['scenario']:4} {'ours':6} {r['integration']['overall']:>8.3f} "
             f"{r['accuracy']:>6.3f} {r['macro_f1']:>8.3f} "
             f"{(f'{auroc:.3f}' if auroc is not None else '–'):>6} {map_s:>7.1f} "
-            f"{trained:>9,}/{total:<10,}"
+            f"{trained:>9,}/{total:<10,}  "
+            + (f"{r['unseen_called_unknown']:.1%} / " if "unseen_called_unknown" in r else "– / ")
+            + f"{r['seen_called_unknown']:.1%}"
         )
         if key in PEERS:
             o, a, f, u, s, t, n = PEERS[key]

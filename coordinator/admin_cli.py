@@ -128,8 +128,8 @@ def _register_reference(sections: Any) -> None:
     build.add_argument(
         "--unknown-threshold",
         type=float,
-        default=0.5,
-        help="uncertainty above which sites call a cell unknown (default 0.5)",
+        help="uncertainty above which sites call a cell unknown with the preset's transfer "
+        "method (default: 0.5 for prototypes; for kNN, calibrated on the reference cells)",
     )
     build.add_argument(
         "--no-reference-latents",
@@ -178,7 +178,10 @@ def _build(args: argparse.Namespace) -> int:
         "epochs_trained": result.fit.epochs,
         "stopped_early": result.fit.stopped_early,
         "training_seconds": round(result.fit.seconds, 2),
+        "transfer": release.content["transfer"],
     }
+    transfer = release.content["transfer"]
+    thresholds = ", ".join(f"{m} > {t:.3g}" for m, t in transfer["unknown_thresholds"].items())
     labels = ", ".join(f"{lv} ({len(release.prototypes(lv))} types)" for lv in release.label_levels)
     print_result(
         payload,
@@ -193,6 +196,7 @@ def _build(args: argparse.Namespace) -> int:
             f"  label levels    {labels or 'none (unlabelled reference)'}",
             f"  training        {result.fit.epochs} epochs in {result.fit.seconds:.1f}s"
             + (" (stopped early)" if result.fit.stopped_early else ""),
+            f"  label transfer  {transfer['method']} by default; unknown when {thresholds}",
         ],
     )
     return 0

@@ -398,7 +398,7 @@ def federated_release(
         unlabeled_prototypes=None,
         reference={"n_cells": int(n_cells), "keeps_latents": False,
                    "label_vocab": {lv: [] for lv in levels}},
-        transfer={"method": "prototype", "unknown_threshold": unknown_threshold},
+        transfer={"method": "prototype", "unknown_thresholds": {"prototype": unknown_threshold}},
         federated={"plan": plan.to_dict(), "sites": list(sites), "rounds": list(history)},
     )  # fmt: skip
     return Release.assemble(content, tensors, release_provenance(None))

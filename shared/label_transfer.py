@@ -5,12 +5,15 @@
   aggregate spread statistics (plain distance to the nearest prototype is what makes scPoli weak
   at flagging unseen types).
 * :func:`knn_transfer`: scArches' weighted kNN on reference latents with a Gaussian kernel;
-  uncertainty = 1 - p(predicted label).
+  uncertainty = 1 - p(predicted label). Its unknown threshold is calibrated on the reference by
+  :func:`calibrate_knn_threshold` (1 - p has no fixed scale: a line that lands inside one seen
+  cluster rarely reaches 0.5, while the reference's own cells mostly sit near 0).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -22,6 +25,8 @@ from fedatlas.shared.prototypes import PrototypeSet, standardized_sq_distances
 UNKNOWN = "unknown"
 DEFAULT_KNN_NEIGHBORS = 50
 DEFAULT_UNKNOWN_THRESHOLD = 0.5
+KNN_CALIBRATION_QUANTILE = 0.99
+KNN_CALIBRATION_MAX_CELLS = 20_000
 
 
 @dataclass(frozen=True)
@@ -93,27 +98,99 @@ def knn_transfer(
 
     For each cell, its k nearest labelled reference cells at distances d_n; with
     s = sqrt(mean(d_n^2)), neighbour weights exp(-d_n / (2 / s)^2); p(label) is the normalised
-    weight of neighbours with that label and the uncertainty is 1 - p(predicted label).
+    weight of neighbours with that label and the uncertainty is 1 - p(predicted label) (exactly
+    0 when every neighbour carries the predicted label).
     """
     _check_threshold(threshold)
-    labelled = np.asarray(reference_labels != "", dtype=bool)
-    if not labelled.any():
-        raise ConfigError("the release keeps no labelled reference cells for kNN transfer")
-    ref = np.asarray(reference_latent[labelled], dtype=np.float64)
-    ref_labels = np.asarray(reference_labels[labelled], dtype=object)
+    ref, ref_labels = _labelled(reference_latent, reference_labels)
     k = min(k, ref.shape[0])
     distances, neighbours = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(latent)
+    labels, uncertainty = _weighted_vote(distances, neighbours, ref_labels)
+    return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)
+
+
+def calibrate_knn_threshold(
+    reference_latent: NDArray[np.float32],
+    reference_labels: NDArray[np.object_],
+    conditions: NDArray[np.int64],
+    *,
+    quantile: float = KNN_CALIBRATION_QUANTILE,
+    k: int = DEFAULT_KNN_NEIGHBORS,
+    max_cells: int = KNN_CALIBRATION_MAX_CELLS,
+    seed: int = 0,
+) -> tuple[float, dict[str, Any]]:
+    """The unknown threshold for :func:`knn_transfer` on this reference: the ``quantile`` of
+    the kNN uncertainty the reference's own labelled cells get when each is labelled the way a
+    query cell will be, from the reference cells of the *other* conditions (a site's batch is
+    never its own neighbour; with a single condition, from all cells but itself). A query cell
+    above it is less certain than ``quantile`` of the reference's cells. At most ``max_cells``
+    cells (a seeded sample) are scored. Returns the threshold and a record of how it was set.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ConfigError(f"calibration quantile must be in (0, 1), got {quantile}")
+    ref, ref_labels = _labelled(reference_latent, reference_labels)
+    ref_conditions = np.asarray(conditions)[np.asarray(reference_labels != "", dtype=bool)]
+    scored = np.arange(ref.shape[0])
+    if scored.size > max_cells:
+        scored = np.sort(np.random.default_rng(seed).choice(scored, max_cells, replace=False))
+    present = np.unique(ref_conditions)
+    scores: list[NDArray[np.float32]] = []
+    if present.size > 1:
+        scheme = "other conditions"
+        for condition in present.tolist():
+            own = scored[ref_conditions[scored] == condition]
+            others = np.flatnonzero(ref_conditions != condition)
+            if own.size == 0:
+                continue
+            n = min(k, others.size)
+            distances, neighbours = (
+                NearestNeighbors(n_neighbors=n).fit(ref[others]).kneighbors(ref[own])
+            )
+            scores.append(_weighted_vote(distances, others[neighbours], ref_labels)[1])
+    elif ref.shape[0] > 1:
+        scheme = "leave one out"
+        n = min(k + 1, ref.shape[0])
+        distances, neighbours = NearestNeighbors(n_neighbors=n).fit(ref).kneighbors(ref[scored])
+        scores.append(_weighted_vote(distances[:, 1:], neighbours[:, 1:], ref_labels)[1])
+    else:
+        raise ConfigError("calibrating the kNN unknown threshold needs two labelled cells")
+    values = np.concatenate(scores)
+    threshold = float(np.quantile(values, quantile))
+    record = {
+        "quantile": quantile,
+        "neighbors": k,
+        "scheme": scheme,
+        "cells": int(values.size),
+        "threshold": threshold,
+    }
+    return threshold, record
+
+
+def _labelled(
+    latent: NDArray[np.float32], labels: NDArray[np.object_]
+) -> tuple[NDArray[np.float64], NDArray[np.object_]]:
+    """The reference cells that carry a label, as float64 coordinates and their labels."""
+    keep = np.asarray(labels != "", dtype=bool)
+    if not keep.any():
+        raise ConfigError("the release keeps no labelled reference cells for kNN transfer")
+    return np.asarray(latent[keep], dtype=np.float64), np.asarray(labels[keep], dtype=object)
+
+
+def _weighted_vote(
+    distances: NDArray[np.float64],
+    neighbours: NDArray[np.int64],
+    neighbour_labels: NDArray[np.object_],
+) -> tuple[NDArray[np.object_], NDArray[np.float32]]:
+    """Labels and uncertainties from each cell's neighbours (scArches' Gaussian kernel)."""
+    n_cells, k = neighbours.shape
     spread = np.sqrt((distances**2).mean(axis=1, keepdims=True))
     weights = np.exp(-distances / (2.0 / np.maximum(spread, 1e-12)) ** 2)
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
-    vocab, codes = np.unique(ref_labels.astype(str), return_inverse=True)
-    probs = np.zeros((latent.shape[0], vocab.size))
-    np.add.at(
-        probs,
-        (np.repeat(np.arange(latent.shape[0]), k), codes[neighbours].ravel()),
-        weights.ravel(),
-    )
+    vocab, codes = np.unique(neighbour_labels.astype(str), return_inverse=True)
+    probs = np.zeros((n_cells, vocab.size))
+    np.add.at(probs, (np.repeat(np.arange(n_cells), k), codes[neighbours].ravel()), weights.ravel())
+    rows = np.arange(n_cells)
     best = probs.argmax(axis=1)
-    uncertainty = (1.0 - probs[np.arange(latent.shape[0]), best]).clip(0, 1).astype(np.float32)
-    labels = vocab.astype(object)[best]  # one string object per label, shared by its cells
-    return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)
+    probs[rows, best] = 0.0  # what is left is the weight on other labels: 1 - p(best)
+    uncertainty = probs.sum(axis=1).clip(0, 1).astype(np.float32)
+    return vocab.astype(object)[best], uncertainty  # one string object per label

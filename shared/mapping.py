@@ -222,11 +222,9 @@ def plan_mapping(
             f"{len(labels)} label keys given but the release has {len(levels)} label "
             f"level(s) ({', '.join(levels) or 'none'})"
         )
-    transfer_defaults = release.content["transfer"]
-    method = transfer or transfer_defaults["method"]
-    threshold = (
-        transfer_defaults["unknown_threshold"] if unknown_threshold is None else unknown_threshold
-    )
+    method = transfer or release.content["transfer"]["method"]
+    if unknown_threshold is None:
+        unknown_threshold = release.unknown_threshold(method)
     alignment = align_genes(genes, release.genes, min_overlap=min_gene_overlap, source=source)
     if alignment.n_missing:
         log.warning(
@@ -263,7 +261,7 @@ def plan_mapping(
         vocabularies=vocabularies,
         train=train,
         method=method,
-        threshold=float(threshold),
+        threshold=float(unknown_threshold),
         seed=seed,
         min_prototype_cells=min_prototype_cells,
     )

@@ -22,7 +22,7 @@ from fedatlas.shared.config import (
 )
 from fedatlas.shared.dataset import UNLABELED, CellTable, condition_name, label_targets
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
+from fedatlas.shared.label_transfer import DEFAULT_UNKNOWN_THRESHOLD, calibrate_knn_threshold
 from fedatlas.shared.nn.vae import CondVAE
 from fedatlas.shared.preprocessing import select_highly_variable_genes
 from fedatlas.shared.progress import Progress
@@ -74,7 +74,7 @@ def build_reference(
     train_overrides: Mapping[str, Any] | None = None,
     site_id: str = REFERENCE_SITE,
     keep_latents: bool = True,
-    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
+    unknown_threshold: float | None = None,
     progress: bool = True,
 ) -> BuildResult:
     """Select genes, train the full network on ``cells`` and package a release.
@@ -83,8 +83,15 @@ def build_reference(
     preset's recipe (its phases keep their proportions). Reference latents (one row per cell,
     latent space only) are kept in the release when ``keep_latents`` so kNN transfer and plots
     of the reference work at sites.
+
+    The release records an unknown threshold per label-transfer method: 0.5 for prototypes (their
+    uncertainty is calibrated per type already) and, when latents and labels are kept, one
+    calibrated on the reference for kNN (:func:`calibrate_knn_threshold`, primary level).
+    ``unknown_threshold`` replaces the threshold of the release's default method.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
+        raise ConfigError(f"unknown threshold must be in [0, 1], got {unknown_threshold}")
     torch.manual_seed(seed)
     overrides = dict(model_overrides or {})
     model_cfg = preset.model_config(n_top_genes, **overrides)  # validate before any work
@@ -133,10 +140,9 @@ def build_reference(
         prototypes=described,
         unlabeled_prototypes=unlabeled_meta,
         reference={"n_cells": data.n_cells, "keeps_latents": keep_latents, "label_vocab": vocab},
-        transfer={
-            "method": preset.transfer if keep_latents else "prototype",
-            "unknown_threshold": unknown_threshold,
-        },
+        transfer=_transfer_defaults(
+            preset, means, cells, conditions, keep_latents, unknown_threshold, seed
+        ),
     )
     provenance = release_provenance(result)
     release = Release.assemble(content, tensors, provenance)
@@ -223,6 +229,30 @@ def _train(
             result.iterations, data.n_cells, result.epochs, train.batch_size,
         )  # fmt: skip
     return result
+
+
+def _transfer_defaults(
+    preset: Preset,
+    means: NDArray[np.float32],
+    cells: CellTable,
+    conditions: NDArray[np.int64],
+    keep_latents: bool,
+    unknown_threshold: float | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The release's default label-transfer method and each method's unknown threshold."""
+    thresholds = {"prototype": DEFAULT_UNKNOWN_THRESHOLD}
+    defaults: dict[str, Any] = {}
+    primary = next(iter(cells.labels.values()), None)
+    if keep_latents and primary is not None and (primary != UNLABELED).sum() >= 2:
+        log.info("calibrating the kNN unknown threshold on the reference cells")
+        thresholds["knn"], defaults["knn_calibration"] = calibrate_knn_threshold(
+            means, primary, conditions, seed=seed
+        )
+    method = preset.transfer if preset.transfer in thresholds else "prototype"
+    if unknown_threshold is not None:
+        thresholds[method] = unknown_threshold
+    return {"method": method, "unknown_thresholds": thresholds, **defaults}
 
 
 def _release_tensors(

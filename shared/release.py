@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fedatlas.shared.artifact import Artifact
 from fedatlas.shared.config import ModelConfig, PreprocessingRecipe, TrainConfig
-from fedatlas.shared.errors import ReleaseError
+from fedatlas.shared.errors import ConfigError, ReleaseError
 from fedatlas.shared.hashing import content_hash, tensor_digest, tensor_index
 from fedatlas.shared.nn.vae import TABLE_SUFFIX, CondVAE
 from fedatlas.shared.prototypes import PrototypeSet
@@ -96,6 +96,17 @@ class Release(Artifact):
     def label_levels(self) -> list[str]:
         """Label levels (annotation columns) with prototypes, primary level first."""
         return list(self.content["label_levels"])
+
+    def unknown_threshold(self, method: str) -> float:
+        """The default unknown threshold of a label-transfer method (``prototype``/``knn``)."""
+        thresholds = self.content["transfer"]["unknown_thresholds"]
+        if method not in thresholds:
+            raise ConfigError(
+                f"{method} transfer is not available for this release (it offers "
+                f"{', '.join(sorted(thresholds))}); kNN transfer needs the reference latents "
+                "that a release built with --no-reference-latents or by federation lacks"
+            )
+        return float(thresholds[method])
 
     def prototypes(self, level: str) -> PrototypeSet:
         """Prototype catalogue of one label level."""

@@ -68,6 +68,10 @@ def release_dir(files: dict[str, Path]) -> Path:
     assert payload["release_id"] == Release.load(out).content_hash
     assert payload["conditions"] == ["reference/r1", "reference/r2"]
     assert payload["n_genes"] == 150
+    transfer = payload["transfer"]  # the thresholds sites will use, calibrated for kNN
+    assert transfer["method"] == "prototype"
+    assert transfer["unknown_thresholds"]["prototype"] == 0.5
+    assert transfer["unknown_thresholds"]["knn"] == transfer["knn_calibration"]["threshold"]
     assert "[fedatlas] training reference: epoch" in run.stderr  # progress is shown
     return out
 

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.label_transfer import UNKNOWN, knn_transfer, prototype_transfer
+from fedatlas.shared.label_transfer import (
+    UNKNOWN,
+    calibrate_knn_threshold,
+    knn_transfer,
+    prototype_transfer,
+)
 from fedatlas.shared.prototypes import PrototypeSet, merge_prototype_sets
 
 
@@ -53,6 +58,66 @@ def test_knn_transfer_follows_scarches() -> None:
     unlabelled[:] = ""
     with pytest.raises(ConfigError, match="no labelled reference cells"):
         knn_transfer(query, latent, unlabelled)
+
+
+def test_knn_uncertainty_is_exactly_zero_among_neighbours_of_one_label() -> None:
+    latent, labels = _clusters()
+    inside = knn_transfer(latent[:10], latent[:200], labels[:200], k=50)  # T cells only
+    assert np.all(inside.uncertainty == 0.0)  # not 1 - 0.9999999: a 0 threshold stays usable
+
+
+def _two_batches(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two conditions of the same three types; the second shifted and noisier, so that
+    some of its cells sit between types."""
+    first, labels = _clusters(seed)
+    second, _ = _clusters(seed + 10)
+    first, second = first / 2, second / 2 + 0.4 + np.random.default_rng(seed).normal(0, 1, (600, 5))
+    conditions = np.repeat([0, 1], len(labels))
+    return np.vstack([first, second]), np.concatenate([labels, labels]), conditions
+
+
+def test_knn_threshold_is_the_quantile_of_uncertainty_from_other_conditions() -> None:
+    latent, labels, conditions = _two_batches()
+    labels[::7] = ""  # unlabelled cells neither vote nor count
+    threshold, record = calibrate_knn_threshold(latent, labels, conditions, quantile=0.99, k=20)
+    # the same thing by hand: each condition's labelled cells labelled from the other one
+    scores = []
+    for c in (0, 1):
+        own = (conditions == c) & (labels != "")
+        other = (conditions != c) & (labels != "")
+        scores.append(knn_transfer(latent[own], latent[other], labels[other], k=20).uncertainty)
+    expected = np.quantile(np.concatenate(scores), 0.99)
+    assert threshold == pytest.approx(expected, rel=1e-6)
+    assert record == {
+        "quantile": 0.99, "neighbors": 20, "scheme": "other conditions",
+        "cells": int((labels != "").sum()), "threshold": threshold,
+    }  # fmt: skip
+    assert 0.0 < threshold < 0.5  # the few cells between types doubt, none tosses a coin
+    # a laxer quantile never gives a higher threshold
+    assert calibrate_knn_threshold(latent, labels, conditions, quantile=0.9, k=20)[0] <= threshold
+
+
+def test_knn_threshold_of_a_single_condition_leaves_each_cell_out() -> None:
+    latent, labels, conditions = _two_batches()
+    latent, labels = latent[conditions == 1], labels[conditions == 1]
+    alone = np.zeros(len(labels), dtype=np.int64)
+    threshold, record = calibrate_knn_threshold(latent, labels, alone, quantile=0.99, k=10)
+    assert record["scheme"] == "leave one out"
+    # by hand: every cell labelled from all the others
+    scores = [
+        knn_transfer(latent[[i]], np.delete(latent, i, 0), np.delete(labels, i), k=10).uncertainty
+        for i in range(len(labels))
+    ]
+    assert threshold == pytest.approx(np.quantile(np.concatenate(scores), 0.99), rel=1e-6)
+    # with its own position among the neighbours every cell would look more certain
+    with_self = knn_transfer(latent, latent, labels, k=10).uncertainty
+    assert np.quantile(with_self, 0.99) < threshold
+    # a large reference is scored on a seeded sample
+    capped = calibrate_knn_threshold(latent, labels, alone, k=10, max_cells=100, seed=3)
+    assert capped[1]["cells"] == 100
+    assert capped == calibrate_knn_threshold(latent, labels, alone, k=10, max_cells=100, seed=3)
+    with pytest.raises(ConfigError, match="quantile"):
+        calibrate_knn_threshold(latent, labels, alone, quantile=1.0)
 
 
 def test_threshold_must_be_a_probability() -> None:

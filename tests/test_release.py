@@ -11,7 +11,7 @@ import pytest
 import torch
 from anndata import AnnData
 
-from fedatlas.shared.errors import ReleaseError
+from fedatlas.shared.errors import ConfigError, ReleaseError
 from fedatlas.shared.reference import BuildResult
 from fedatlas.shared.release import MANIFEST_FILE, WEIGHTS_FILE, Release
 
@@ -128,3 +128,51 @@ def test_release_records_the_presets_transfer_method(
     ).release
     assert lean.content["transfer"]["method"] == "prototype"
     assert lean.content["reference"]["keeps_latents"] is False
+    assert lean.content["transfer"]["unknown_thresholds"] == {"prototype": 0.5}
+    with pytest.raises(ConfigError, match=r"knn transfer is not available.*reference latents"):
+        lean.unknown_threshold("knn")
+
+
+def test_release_calibrates_the_knn_unknown_threshold(
+    tiny_builds: dict[str, BuildResult], reference_adata: AnnData, query_adata: AnnData
+) -> None:
+    from conftest import cells_of
+
+    from fedatlas.shared.label_transfer import calibrate_knn_threshold
+    from fedatlas.shared.mapping import map_cells
+    from fedatlas.shared.reference import build_reference
+
+    built = tiny_builds["scarches"]
+    transfer = built.release.content["transfer"]
+    labels = cells_of(reference_adata).labels["cell_type"]
+    expected, record = calibrate_knn_threshold(built.latent, labels, built.conditions)
+    assert transfer["unknown_thresholds"] == {"prototype": 0.5, "knn": expected}
+    assert transfer["knn_calibration"] == record
+    assert record["scheme"] == "other conditions"
+    assert record["quantile"] == 0.99
+    # a prototype preset keeps latents too, so a site may still choose kNN with its threshold
+    assert set(tiny_builds["scpoli"].release.content["transfer"]["unknown_thresholds"]) == {
+        "prototype",
+        "knn",
+    }
+    # sites use the threshold of the method they transfer with, unless they set their own
+    query = cells_of(query_adata, label_key=None)
+    mapped = map_cells(built.release, query, epochs=2, progress=False)
+    assert mapped.unknown_threshold == expected
+    assert mapped.transfers["cell_type"].threshold == expected
+    by_prototype = map_cells(built.release, query, epochs=2, transfer="prototype", progress=False)
+    assert by_prototype.unknown_threshold == 0.5
+    own = map_cells(built.release, query, epochs=2, unknown_threshold=0.3, progress=False)
+    assert own.unknown_threshold == 0.3
+    # an operator's threshold replaces the default method's, and must be a probability
+    fixed = build_reference(
+        cells_of(reference_adata), preset="scarches", epochs=2, n_top_genes=200, seed=0,
+        unknown_threshold=0.25, progress=False,
+    ).release  # fmt: skip
+    assert fixed.unknown_threshold("knn") == 0.25
+    assert fixed.unknown_threshold("prototype") == 0.5
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        build_reference(
+            cells_of(reference_adata), preset="scarches", epochs=1, n_top_genes=200,
+            unknown_threshold=2.0, progress=False,
+        )  # fmt: skip
