@@ -139,9 +139,9 @@ def calibrate_knn_threshold(
         scheme = "other conditions"
         for condition in present.tolist():
             own = scored[ref_conditions[scored] == condition]
-            others = np.flatnonzero(ref_conditions != condition)
             if own.size == 0:
                 continue
+            others = np.flatnonzero(ref_conditions != condition)
             n = min(k, others.size)
             distances, neighbours = (
                 NearestNeighbors(n_neighbors=n).fit(ref[others]).kneighbors(ref[own])
