@@ -102,10 +102,11 @@ def knn_transfer(
     0 when every neighbour carries the predicted label).
     """
     _check_threshold(threshold)
-    ref, ref_labels = _labelled(reference_latent, reference_labels)
+    ref, vocab, codes = _labelled(reference_latent, reference_labels)
     k = min(k, ref.shape[0])
     distances, neighbours = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(latent)
-    labels, uncertainty = _weighted_vote(distances, neighbours, ref_labels)
+    best, uncertainty = _weighted_vote(distances, codes[neighbours], vocab.size)
+    labels = vocab[best]  # one string object per label, shared by its cells
     return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)
 
 
@@ -128,7 +129,7 @@ def calibrate_knn_threshold(
     """
     if not 0.0 < quantile < 1.0:
         raise ConfigError(f"calibration quantile must be in (0, 1), got {quantile}")
-    ref, ref_labels = _labelled(reference_latent, reference_labels)
+    ref, vocab, codes = _labelled(reference_latent, reference_labels)
     ref_conditions = np.asarray(conditions)[np.asarray(reference_labels != "", dtype=bool)]
     scored = np.arange(ref.shape[0])
     if scored.size > max_cells:
@@ -146,12 +147,12 @@ def calibrate_knn_threshold(
             distances, neighbours = (
                 NearestNeighbors(n_neighbors=n).fit(ref[others]).kneighbors(ref[own])
             )
-            scores.append(_weighted_vote(distances, others[neighbours], ref_labels)[1])
+            scores.append(_weighted_vote(distances, codes[others[neighbours]], vocab.size)[1])
     elif ref.shape[0] > 1:
         scheme = "leave one out"
         n = min(k + 1, ref.shape[0])
         distances, neighbours = NearestNeighbors(n_neighbors=n).fit(ref).kneighbors(ref[scored])
-        scores.append(_weighted_vote(distances[:, 1:], neighbours[:, 1:], ref_labels)[1])
+        scores.append(_weighted_vote(distances[:, 1:], codes[neighbours[:, 1:]], vocab.size)[1])
     else:
         raise ConfigError("calibrating the kNN unknown threshold needs two labelled cells")
     values = np.concatenate(scores)
@@ -168,29 +169,27 @@ def calibrate_knn_threshold(
 
 def _labelled(
     latent: NDArray[np.float32], labels: NDArray[np.object_]
-) -> tuple[NDArray[np.float64], NDArray[np.object_]]:
-    """The reference cells that carry a label, as float64 coordinates and their labels."""
+) -> tuple[NDArray[np.float64], NDArray[np.object_], NDArray[np.int64]]:
+    """The reference cells that carry a label: float64 coordinates, the label vocabulary and
+    each cell's code in it."""
     keep = np.asarray(labels != "", dtype=bool)
     if not keep.any():
         raise ConfigError("the release keeps no labelled reference cells for kNN transfer")
-    return np.asarray(latent[keep], dtype=np.float64), np.asarray(labels[keep], dtype=object)
+    vocab, codes = np.unique(np.asarray(labels[keep]).astype(str), return_inverse=True)
+    return np.asarray(latent[keep], dtype=np.float64), vocab.astype(object), codes.ravel()
 
 
 def _weighted_vote(
-    distances: NDArray[np.float64],
-    neighbours: NDArray[np.int64],
-    neighbour_labels: NDArray[np.object_],
-) -> tuple[NDArray[np.object_], NDArray[np.float32]]:
-    """Labels and uncertainties from each cell's neighbours (scArches' Gaussian kernel)."""
-    n_cells, k = neighbours.shape
+    distances: NDArray[np.float64], neighbour_codes: NDArray[np.int64], n_labels: int
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Each cell's best label code and uncertainty from its neighbours' label codes
+    (scArches' Gaussian kernel)."""
+    n_cells, k = neighbour_codes.shape
     spread = np.sqrt((distances**2).mean(axis=1, keepdims=True))
     weights = np.exp(-distances / (2.0 / np.maximum(spread, 1e-12)) ** 2)
     weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-300)
-    vocab, codes = np.unique(neighbour_labels.astype(str), return_inverse=True)
-    probs = np.zeros((n_cells, vocab.size))
-    np.add.at(probs, (np.repeat(np.arange(n_cells), k), codes[neighbours].ravel()), weights.ravel())
-    rows = np.arange(n_cells)
+    probs = np.zeros((n_cells, n_labels))
+    np.add.at(probs, (np.repeat(np.arange(n_cells), k), neighbour_codes.ravel()), weights.ravel())
     best = probs.argmax(axis=1)
-    probs[rows, best] = 0.0  # what is left is the weight on other labels: 1 - p(best)
-    uncertainty = probs.sum(axis=1).clip(0, 1).astype(np.float32)
-    return vocab.astype(object)[best], uncertainty  # one string object per label
+    probs[np.arange(n_cells), best] = 0.0  # what is left is the weight on other labels
+    return best, probs.sum(axis=1).clip(0, 1).astype(np.float32)  # = 1 - p(best)
