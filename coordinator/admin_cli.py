@@ -181,7 +181,10 @@ def _build(args: argparse.Namespace) -> int:
         "transfer": release.content["transfer"],
     }
     transfer = release.content["transfer"]
-    thresholds = ", ".join(f"{m} > {t:.3g}" for m, t in transfer["unknown_thresholds"].items())
+    thresholds = "; ".join(
+        f"{method} " + ", ".join(f"{level} > {t:.3g}" for level, t in by_level.items())
+        for method, by_level in transfer["unknown_thresholds"].items()
+    )
     labels = ", ".join(f"{lv} ({len(release.prototypes(lv))} types)" for lv in release.label_levels)
     print_result(
         payload,

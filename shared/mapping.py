@@ -30,7 +30,7 @@ from fedatlas.shared.label_transfer import Transfer, knn_transfer, prototype_tra
 from fedatlas.shared.nn.vae import CondVAE
 from fedatlas.shared.progress import Progress
 from fedatlas.shared.prototypes import PrototypeSet, merge_prototype_sets
-from fedatlas.shared.release import Release
+from fedatlas.shared.release import CLUSTER_LEVEL, Release
 from fedatlas.shared.surgery import assert_frozen, operate
 from fedatlas.shared.training import (
     FitResult,
@@ -73,7 +73,7 @@ class MappingResult:
     total_parameters: int
     model: CondVAE
     transfer_method: str
-    unknown_threshold: float
+    unknown_thresholds: dict[str, float]  # by label level, as ``transfers``
     seconds: dict[str, float] = field(default_factory=dict)
     dropped_prototypes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -94,7 +94,7 @@ class MappingResult:
             "total_parameters": self.total_parameters,
             "frozen_tensors_verified": True,
             "label_levels": list(self.transfers),
-            "unknown_threshold": self.unknown_threshold,
+            "unknown_thresholds": dict(self.unknown_thresholds),
             "transfer_method": self.transfer_method,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
@@ -172,7 +172,7 @@ class MappingPlan:
     vocabularies: list[list[str]]  # per label key: the release's labels, then the site's new
     train: TrainConfig
     method: str
-    threshold: float
+    thresholds: dict[str, float]  # unknown threshold per label level
     seed: int
     min_prototype_cells: int
 
@@ -223,8 +223,9 @@ def plan_mapping(
             f"level(s) ({', '.join(levels) or 'none'})"
         )
     method = transfer or release.content["transfer"]["method"]
-    if unknown_threshold is None:
-        unknown_threshold = release.unknown_threshold(method)
+    thresholds = release.unknown_thresholds(method)
+    if unknown_threshold is not None:
+        thresholds = dict.fromkeys(thresholds, float(unknown_threshold))
     alignment = align_genes(genes, release.genes, min_overlap=min_gene_overlap, source=source)
     if alignment.n_missing:
         log.warning(
@@ -261,7 +262,7 @@ def plan_mapping(
         vocabularies=vocabularies,
         train=train,
         method=method,
-        threshold=float(unknown_threshold),
+        thresholds=thresholds,
         seed=seed,
         min_prototype_cells=min_prototype_cells,
     )
@@ -329,7 +330,7 @@ def finish_mapping(
         )
 
     t3 = time.perf_counter()
-    transfers = _transfer(release, latent, plan.catalogue, site_sets, plan.method, plan.threshold)
+    transfers = _transfer(release, latent, plan.catalogue, site_sets, plan.method, plan.thresholds)
     seconds["transfer"] = time.perf_counter() - t3
     return MappingResult(
         release=release,
@@ -343,7 +344,7 @@ def finish_mapping(
         total_parameters=plan.model.total_parameter_count(),
         model=plan.model,
         transfer_method=plan.method,
-        unknown_threshold=plan.threshold,
+        unknown_thresholds=plan.thresholds,
         seconds=seconds,
         dropped_prototypes=dropped,
     )
@@ -396,7 +397,7 @@ def _transfer(
     catalogue: list[PrototypeSet],
     site_sets: list[PrototypeSet],
     method: str,
-    threshold: float,
+    thresholds: Mapping[str, float],
 ) -> dict[str, Transfer]:
     """Labels per level, from the release's catalogue merged with the site's own prototypes
     (what the composite will hold), or by kNN on the release's reference latents."""
@@ -409,16 +410,20 @@ def _transfer(
                 raise ConfigError("kNN transfer needs reference latents, which this release lacks")
             rules[level] = partial(
                 knn_transfer, reference_latent=ref[0], reference_labels=ref_labels,
-                threshold=threshold,
+                threshold=thresholds[level],
             )  # fmt: skip
             continue
         merged = merge_prototype_sets([catalogue[i], *site_sets[i : i + 1]])
         if len(merged):
-            rules[level] = partial(prototype_transfer, prototypes=merged, threshold=threshold)
+            rules[level] = partial(
+                prototype_transfer, prototypes=merged, threshold=thresholds[level]
+            )
     clusters = release.unlabeled_prototypes()
     if not release.label_levels and clusters is not None:
-        rules["cluster"] = partial(prototype_transfer, prototypes=clusters, threshold=threshold)
-    return {level: _in_chunks(rule, latent, threshold) for level, rule in rules.items()}
+        rules[CLUSTER_LEVEL] = partial(
+            prototype_transfer, prototypes=clusters, threshold=thresholds[CLUSTER_LEVEL]
+        )
+    return {level: _in_chunks(rule, latent, thresholds[level]) for level, rule in rules.items()}
 
 
 def _in_chunks(

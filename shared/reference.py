@@ -28,6 +28,7 @@ from fedatlas.shared.preprocessing import select_highly_variable_genes
 from fedatlas.shared.progress import Progress
 from fedatlas.shared.prototypes import PrototypeSet, cluster_prototypes
 from fedatlas.shared.release import (
+    CLUSTER_LEVEL,
     CONDITION_TENSOR,
     LATENT_TENSOR,
     MODEL_PREFIX,
@@ -84,10 +85,11 @@ def build_reference(
     latent space only) are kept in the release when ``keep_latents`` so kNN transfer and plots
     of the reference work at sites.
 
-    The release records an unknown threshold per label-transfer method: 0.5 for prototypes (their
-    uncertainty is calibrated per type already) and, when latents and labels are kept, one
-    calibrated on the reference for kNN (:func:`calibrate_knn_threshold`, primary level).
-    ``unknown_threshold`` replaces the threshold of the release's default method.
+    The release records an unknown threshold per label-transfer method and label level: 0.5 for
+    prototypes (their uncertainty is calibrated per type already) and, when latents and labels
+    are kept, for kNN one calibrated on the reference at each level (a finer level's votes are
+    more ambiguous; :func:`calibrate_knn_threshold`). ``unknown_threshold`` replaces the
+    release's default method's thresholds at every level.
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
@@ -240,18 +242,24 @@ def _transfer_defaults(
     unknown_threshold: float | None,
     seed: int,
 ) -> dict[str, Any]:
-    """The release's default label-transfer method and each method's unknown threshold."""
-    thresholds = {"prototype": DEFAULT_UNKNOWN_THRESHOLD}
+    """The release's default label-transfer method and each method's unknown threshold per
+    label level (:data:`CLUSTER_LEVEL` when the reference has none)."""
+    levels = list(cells.labels) or [CLUSTER_LEVEL]
+    thresholds = {"prototype": dict.fromkeys(levels, DEFAULT_UNKNOWN_THRESHOLD)}
     defaults: dict[str, Any] = {}
     primary = next(iter(cells.labels.values()), None)
     if keep_latents and primary is not None and (primary != UNLABELED).sum() >= 2:
-        log.info("calibrating the kNN unknown threshold on the reference cells")
-        thresholds["knn"], defaults["knn_calibration"] = calibrate_knn_threshold(
-            means, primary, conditions, seed=seed
-        )
+        log.info("calibrating the kNN unknown thresholds on the reference cells")
+        knn, records = dict.fromkeys(levels, DEFAULT_UNKNOWN_THRESHOLD), {}
+        for level, labels in cells.labels.items():
+            if (labels != UNLABELED).sum() >= 2:
+                knn[level], records[level] = calibrate_knn_threshold(
+                    means, labels, conditions, seed=seed
+                )
+        thresholds["knn"], defaults["knn_calibration"] = knn, records
     method = preset.transfer if preset.transfer in thresholds else "prototype"
     if unknown_threshold is not None:
-        thresholds[method] = unknown_threshold
+        thresholds[method] = dict.fromkeys(levels, unknown_threshold)
     return {"method": method, "unknown_thresholds": thresholds, **defaults}
 
 

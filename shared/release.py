@@ -50,6 +50,8 @@ def prototype_prefix(level_index: int) -> str:
 
 
 UNLABELED_PREFIX = "prototypes.unlabeled"
+#: The level under which a release without label levels labels cells: its Leiden clusters.
+CLUSTER_LEVEL = "cluster"
 
 
 def reference_label_tensor(level_index: int) -> str:
@@ -97,8 +99,9 @@ class Release(Artifact):
         """Label levels (annotation columns) with prototypes, primary level first."""
         return list(self.content["label_levels"])
 
-    def unknown_threshold(self, method: str) -> float:
-        """The default unknown threshold of a label-transfer method (``prototype``/``knn``)."""
+    def unknown_thresholds(self, method: str) -> dict[str, float]:
+        """The default unknown thresholds of a label-transfer method (``prototype``/``knn``), by
+        label level (:data:`CLUSTER_LEVEL` for a release without label levels)."""
         thresholds = self.content["transfer"]["unknown_thresholds"]
         if method not in thresholds:
             raise ConfigError(
@@ -106,7 +109,7 @@ class Release(Artifact):
                 f"{', '.join(sorted(thresholds))}); kNN transfer needs the reference latents "
                 "that a release built with --no-reference-latents or by federation lacks"
             )
-        return float(thresholds[method])
+        return {level: float(t) for level, t in thresholds[method].items()}
 
     def prototypes(self, level: str) -> PrototypeSet:
         """Prototype catalogue of one label level."""

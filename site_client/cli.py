@@ -375,7 +375,8 @@ def _mapping_report(
     for level, transfer in result.transfers.items():
         n_unknown = int(transfer.unknown.sum())
         lines.append(
-            f"  labels ({level}) {n_unknown:,} cells unknown (uncertainty > {transfer.threshold})"
+            f"  labels ({level}) {n_unknown:,} cells unknown "
+            f"(uncertainty > {transfer.threshold:.3g})"
         )
     return payload, lines
 

@@ -134,8 +134,8 @@ def write_report(
     called = adata.obs[LABEL_KEY].astype(str).to_numpy(dtype=object)
     uncertainty = adata.obs[UNCERTAINTY_KEY].to_numpy(dtype=np.float32)
     unknown = adata.obs[UNKNOWN_KEY].to_numpy(dtype=bool)
-    threshold = float(info.get("unknown_threshold", DEFAULT_UNKNOWN_THRESHOLD))
     level = (info.get("label_levels") or ["label"])[0]
+    threshold = float(info.get("unknown_thresholds", {}).get(level, DEFAULT_UNKNOWN_THRESHOLD))
     notes: list[str] = []
     ref_latent, prototypes, reference_info = _reference_view(
         release, info, level, latent.shape[1], source, seed, max_reference_cells, notes
@@ -301,9 +301,11 @@ def _check_release(release: Release, info: dict[str, Any], dim: int, source: str
 
 def _level_prototypes(release: Release, level: str) -> PrototypeSet | None:
     """The release's prototypes of the label level the mapping reported first."""
+    from fedatlas.shared.release import CLUSTER_LEVEL
+
     if level in release.label_levels:
         return release.prototypes(level)
-    return release.unlabeled_prototypes() if level == "cluster" else None
+    return release.unlabeled_prototypes() if level == CLUSTER_LEVEL else None
 
 
 def _subsample(n: int, limit: int, seed: int) -> NDArray[np.int64]:

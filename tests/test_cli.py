@@ -70,8 +70,9 @@ def release_dir(files: dict[str, Path]) -> Path:
     assert payload["n_genes"] == 150
     transfer = payload["transfer"]  # the thresholds sites will use, calibrated for kNN
     assert transfer["method"] == "prototype"
-    assert transfer["unknown_thresholds"]["prototype"] == 0.5
-    assert transfer["unknown_thresholds"]["knn"] == transfer["knn_calibration"]["threshold"]
+    assert transfer["unknown_thresholds"]["prototype"] == {"cell_type": 0.5}
+    calibrated = transfer["knn_calibration"]["cell_type"]["threshold"]
+    assert transfer["unknown_thresholds"]["knn"] == {"cell_type": calibrated}
     assert "[fedatlas] training reference: epoch" in run.stderr  # progress is shown
     return out
 

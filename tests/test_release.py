@@ -128,9 +128,9 @@ def test_release_records_the_presets_transfer_method(
     ).release
     assert lean.content["transfer"]["method"] == "prototype"
     assert lean.content["reference"]["keeps_latents"] is False
-    assert lean.content["transfer"]["unknown_thresholds"] == {"prototype": 0.5}
+    assert lean.content["transfer"]["unknown_thresholds"] == {"prototype": {"cell_type": 0.5}}
     with pytest.raises(ConfigError, match=r"knn transfer is not available.*reference latents"):
-        lean.unknown_threshold("knn")
+        lean.unknown_thresholds("knn")
 
 
 def test_release_calibrates_the_knn_unknown_threshold(
@@ -146,8 +146,11 @@ def test_release_calibrates_the_knn_unknown_threshold(
     transfer = built.release.content["transfer"]
     labels = cells_of(reference_adata).labels["cell_type"]
     expected, record = calibrate_knn_threshold(built.latent, labels, built.conditions)
-    assert transfer["unknown_thresholds"] == {"prototype": 0.5, "knn": expected}
-    assert transfer["knn_calibration"] == record
+    assert transfer["unknown_thresholds"] == {
+        "prototype": {"cell_type": 0.5},
+        "knn": {"cell_type": expected},
+    }
+    assert transfer["knn_calibration"] == {"cell_type": record}
     assert record["scheme"] == "other conditions"
     assert record["quantile"] == 0.99
     # a prototype preset keeps latents too, so a site may still choose kNN with its threshold
@@ -158,21 +161,64 @@ def test_release_calibrates_the_knn_unknown_threshold(
     # sites use the threshold of the method they transfer with, unless they set their own
     query = cells_of(query_adata, label_key=None)
     mapped = map_cells(built.release, query, epochs=2, progress=False)
-    assert mapped.unknown_threshold == expected
+    assert mapped.unknown_thresholds == {"cell_type": expected}
     assert mapped.transfers["cell_type"].threshold == expected
     by_prototype = map_cells(built.release, query, epochs=2, transfer="prototype", progress=False)
-    assert by_prototype.unknown_threshold == 0.5
+    assert by_prototype.unknown_thresholds == {"cell_type": 0.5}
     own = map_cells(built.release, query, epochs=2, unknown_threshold=0.3, progress=False)
-    assert own.unknown_threshold == 0.3
+    assert own.unknown_thresholds == {"cell_type": 0.3}
     # an operator's threshold replaces the default method's, and must be a probability
     fixed = build_reference(
         cells_of(reference_adata), preset="scarches", epochs=2, n_top_genes=200, seed=0,
         unknown_threshold=0.25, progress=False,
     ).release  # fmt: skip
-    assert fixed.unknown_threshold("knn") == 0.25
-    assert fixed.unknown_threshold("prototype") == 0.5
+    assert fixed.unknown_thresholds("knn") == {"cell_type": 0.25}
+    assert fixed.unknown_thresholds("prototype") == {"cell_type": 0.5}
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         build_reference(
             cells_of(reference_adata), preset="scarches", epochs=1, n_top_genes=200,
             unknown_threshold=2.0, progress=False,
         )  # fmt: skip
+
+
+def test_knn_thresholds_are_calibrated_per_label_level(
+    reference_adata: AnnData, query_adata: AnnData
+) -> None:
+    """A finer level that splits every type at random has mixed neighbourhoods, so its kNN
+    uncertainty runs far above the primary level's: it gets a threshold of its own, and with it
+    a site's seen cells keep their fine labels instead of nearly all being called unknown."""
+    from conftest import cells_of
+
+    from fedatlas.shared.dataset import extract_cells
+    from fedatlas.shared.label_transfer import calibrate_knn_threshold
+    from fedatlas.shared.mapping import map_cells
+    from fedatlas.shared.reference import build_reference
+
+    adata = reference_adata.copy()
+    halves = np.random.default_rng(0).choice(["1", "2"], adata.n_obs)
+    adata.obs["subtype"] = [f"{t}{h}" for t, h in zip(adata.obs["cell_type"], halves, strict=True)]
+    levels = ["cell_type", "subtype"]
+    cells = extract_cells(adata, source="test", batch_key="batch", label_keys=levels)
+    built = build_reference(
+        cells, preset="scarches", epochs=12, n_top_genes=200, seed=0, progress=False
+    )
+    thresholds = built.release.unknown_thresholds("knn")
+    records = built.release.content["transfer"]["knn_calibration"]
+    for level in levels:
+        expected, record = calibrate_knn_threshold(
+            built.latent, cells.labels[level], built.conditions
+        )
+        assert thresholds[level] == expected
+        assert records[level] == record
+    assert built.release.unknown_thresholds("prototype") == dict.fromkeys(levels, 0.5)
+    # measured: cell_type 0.020, subtype 0.500 (each neighbourhood is about half the other half)
+    assert thresholds["subtype"] > thresholds["cell_type"] + 0.3
+
+    mapped = map_cells(built.release, cells_of(query_adata, None), epochs=2, progress=False)
+    assert mapped.unknown_thresholds == thresholds
+    seen = query_adata.obs["cell_type"].to_numpy() != "D"
+    fine = mapped.transfers["subtype"]
+    assert fine.threshold == thresholds["subtype"]
+    # measured: 3.4 % of seen cells unknown at the subtype's threshold, 100 % at cell_type's
+    assert fine.unknown[seen].mean() <= 0.15
+    assert (fine.uncertainty[seen] > thresholds["cell_type"]).mean() >= 0.9

@@ -100,7 +100,7 @@ def test_report_cli_writes_figures_page_and_numbers(
     assert saved["n_unknown"] == int(unknown.sum())
     assert saved["unknown_share"] == pytest.approx(unknown.mean())
     assert saved["mean_uncertainty"] == pytest.approx(uncertainty.mean())
-    assert saved["unknown_threshold"] == info["unknown_threshold"] == 0.5
+    assert saved["unknown_threshold"] == info["unknown_thresholds"]["cell_type"] == 0.5
     assert saved["release_id"] == info["release_id"] == Release.load(release_dir).content_hash
     assert saved["gene_overlap"]["n_found"] == info["gene_overlap"]["n_found"] == 150
     assert saved["umap_cells"] == {"reference": 360, "query": 160, "prototypes": 3}
