@@ -34,7 +34,11 @@ def fedatlas(
         timeout=timeout,
     )
     if check and run.returncode != 0:
-        raise AssertionError(f"fedatlas {' '.join(args)} failed ({run.returncode}):\n{run.stderr}")
+        # with --json a command reports its failure on stdout (e.g. a federated run that stopped)
+        raise AssertionError(
+            f"fedatlas {' '.join(args)} failed ({run.returncode}):\n"
+            f"stderr:\n{run.stderr}\nstdout (last 4,000 characters):\n{run.stdout[-4000:]}"
+        )
     return run
 
 
