@@ -139,6 +139,8 @@ class TrainConfig(PlainConfig):
             equal to ``epochs`` when ``prototype_weight`` is 0.
         max_iterations: optional cap on optimiser steps (SCALEX counts iterations, not epochs).
         batch_size: cells per minibatch.
+        drop_last: skip an epoch's final minibatch when it is smaller than ``batch_size``
+            (SCALEX's training loader does); an epoch without a full minibatch still trains.
         lr / adam_eps / weight_decay: Adam learning rate, epsilon and L2 weight decay (only
             trainable tensors reach the optimiser, so decay never touches frozen release
             tensors; condition embeddings are never decayed).
@@ -161,6 +163,7 @@ class TrainConfig(PlainConfig):
     pretrain_epochs: int | None = None
     max_iterations: int | None = None
     batch_size: int = 128
+    drop_last: bool = False
     lr: float = 1e-3
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -352,9 +355,10 @@ SCARCHES = Preset(
 
 # Sources: SCALEX (Xiong et al. 2022, Methods): encoder FC[1024]-BN-ReLU-FC[10], decoder
 # FC-DSBN-Sigmoid (no hidden layer), BCE on per-batch MaxAbs-scaled data, KL weight 0.5, Adam
-# lr 2e-4 with weight decay 5e-4, minibatch 64, at most 30,000 iterations, early stopping after
-# 10 epochs without improvement. Projecting a new batch needs no training: mapping estimates the
-# new DSBN branch's statistics in one pass (0 epochs); --epochs N also fits its scale and shift.
+# lr 2e-4 with weight decay 5e-4, minibatch 64 (a partial last one dropped), at most 30,000
+# iterations, early stopping after 10 epochs without improvement. Projecting a new batch needs
+# no training: mapping estimates the new DSBN branch's statistics in one pass (0 epochs);
+# --epochs N also fits its scale and shift.
 # Labels are transferred by kNN on the reference latents, as in SCALEX's own workflow: its lines
 # form sub-clusters by protocol that one prototype per label describes poorly.
 SCALEX = Preset(
@@ -368,6 +372,7 @@ SCALEX = Preset(
         epochs=3000,
         max_iterations=30_000,
         batch_size=64,
+        drop_last=True,
         lr=2e-4,
         weight_decay=5e-4,
         kl_weight=0.5,

@@ -517,6 +517,8 @@ def _run_epoch(
         if max_steps is not None and steps >= max_steps:
             break
         rows = order[start : start + train.batch_size]
+        if train.drop_last and start > 0 and len(rows) < train.batch_size:
+            break
         if len(rows) < 2 and mode == "reference":
             continue  # batch statistics need two cells
         batch = make_batch(data, rows, recipe, cache)

@@ -70,6 +70,22 @@ def test_every_combination_trains(mechanism: str, likelihood: str) -> None:
     assert result.trained_parameters == model.total_parameter_count()
 
 
+@pytest.mark.parametrize(
+    ("n_cells", "drop_last", "steps"), [(100, False, 4), (100, True, 3), (20, True, 1)]
+)
+def test_drop_last_skips_only_a_partial_final_minibatch(
+    n_cells: int, drop_last: bool, steps: int
+) -> None:
+    # 100 cells in minibatches of 32: 32+32+32+4; SCALEX's loader drops the 4. With 20 cells
+    # there is no full minibatch, and dropping it would leave an epoch that trains nothing.
+    config = get_preset("scalex").model_config(30)
+    model = CondVAE(config, n_conditions=3)
+    recipe = PreprocessingRecipe(n_top_genes=30, input_transform=config.input_transform)
+    train = TrainConfig(epochs=2, batch_size=32, drop_last=drop_last)
+    result = fit(model, _data(n_cells), train, recipe, mode="reference", seed=0, progress=None)
+    assert result.iterations == 2 * steps
+
+
 def test_export_load_round_trip_is_bit_identical() -> None:
     config = get_preset("scpoli").model_config(50)
     model = CondVAE(config, n_conditions=4)
