@@ -101,7 +101,8 @@ class Release(Artifact):
 
     def unknown_thresholds(self, method: str) -> dict[str, float]:
         """The default unknown thresholds of a label-transfer method (``prototype``/``knn``), by
-        label level (:data:`CLUSTER_LEVEL` for a release without label levels)."""
+        label level (:data:`CLUSTER_LEVEL` for a release without label levels). A release
+        written before thresholds were kept per level holds one number, used for every level."""
         thresholds = self.content["transfer"]["unknown_thresholds"]
         if method not in thresholds:
             raise ConfigError(
@@ -109,7 +110,10 @@ class Release(Artifact):
                 f"{', '.join(sorted(thresholds))}); kNN transfer needs the reference latents "
                 "that a release built with --no-reference-latents or by federation lacks"
             )
-        return {level: float(t) for level, t in thresholds[method].items()}
+        recorded = thresholds[method]
+        if isinstance(recorded, int | float):
+            return dict.fromkeys(self.label_levels or [CLUSTER_LEVEL], float(recorded))
+        return {level: float(t) for level, t in recorded.items()}
 
     def prototypes(self, level: str) -> PrototypeSet:
         """Prototype catalogue of one label level."""

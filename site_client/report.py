@@ -135,7 +135,8 @@ def write_report(
     uncertainty = adata.obs[UNCERTAINTY_KEY].to_numpy(dtype=np.float32)
     unknown = adata.obs[UNKNOWN_KEY].to_numpy(dtype=bool)
     level = (info.get("label_levels") or ["label"])[0]
-    threshold = float(info.get("unknown_thresholds", {}).get(level, DEFAULT_UNKNOWN_THRESHOLD))
+    earlier = info.get("unknown_threshold", DEFAULT_UNKNOWN_THRESHOLD)  # maps before per level
+    threshold = float(info.get("unknown_thresholds", {}).get(level, earlier))
     notes: list[str] = []
     ref_latent, prototypes, reference_info = _reference_view(
         release, info, level, latent.shape[1], source, seed, max_reference_cells, notes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from pathlib import Path
@@ -131,6 +132,11 @@ def test_release_records_the_presets_transfer_method(
     assert lean.content["transfer"]["unknown_thresholds"] == {"prototype": {"cell_type": 0.5}}
     with pytest.raises(ConfigError, match=r"knn transfer is not available.*reference latents"):
         lean.unknown_thresholds("knn")
+    # a release written before thresholds were kept per level recorded one number per method
+    content = copy.deepcopy(lean.content)
+    content["transfer"]["unknown_thresholds"] = {"prototype": 0.4}
+    earlier = Release(content, lean.tensors, lean.provenance)
+    assert earlier.unknown_thresholds("prototype") == {"cell_type": 0.4}
 
 
 def test_release_calibrates_the_knn_unknown_threshold(

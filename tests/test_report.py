@@ -130,6 +130,12 @@ def test_report_without_reference_draws_the_query_only(
     for file in summary.figures.values():
         _assert_picture(tmp_path / file)
     assert "No reference release given" in (tmp_path / "index.html").read_text()
+    # a file mapped before thresholds were kept per level recorded one threshold
+    earlier = ad.read_h5ad(mapped_path)
+    info = dict(earlier.uns["fedatlas"])
+    info.pop("unknown_thresholds")
+    earlier.uns["fedatlas"] = {**info, "unknown_threshold": 0.3}
+    assert write_report(earlier, tmp_path / "earlier").unknown_threshold == 0.3
 
 
 def test_report_of_a_preset_without_condition_embeddings_skips_the_pca(
