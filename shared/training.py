@@ -3,7 +3,8 @@
 One loop serves both jobs. ``mode="reference"`` trains the whole network (train mode: dropout
 and batch statistics on). ``mode="mapping"`` keeps the network in eval mode, so dropout is off and
 no running statistic moves, and only the fresh condition rows reach the optimiser; what the frozen
-encoder computes for every cell is cached once and reused across epochs (:class:`EncoderCache`).
+network computes for every cell alone (its encoding, the likelihood's constant terms) is cached
+once and reused across epochs (:class:`FrozenCache`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ CHUNK_CELLS = 4096
 # Validation chunks are smaller: the MMD term builds cells x cells kernels (64 MB per term at
 # 4,096 cells, 4 MB at 1,024).
 VALIDATION_CHUNK_CELLS = 1024
+# Likelihood constants are computed on every non-zero count (int64 coordinates, Gamma-function
+# temporaries): 1,024 dense-ish cells of 2,000 genes take about 25 MB.
+CONSTANT_CHUNK_CELLS = 1024
 # Intra-op threads while training. Minibatches of 64-128 cells are too small to share across
 # cores: on two cores one thread trained 1.2-1.5x faster than two (CellBench references of all
 # three presets, 10^4-cell mappings); whole-data passes (projection) keep every thread.
@@ -84,16 +88,19 @@ class TrainingData:
 
 
 @dataclass
-class EncoderCache:
-    """What a frozen encoder yields for every cell, computed once and reused across epochs.
+class FrozenCache:
+    """What a frozen network yields for every cell, computed once and reused across epochs.
 
     When the encoder never sees the condition (DSBN) the whole encoding is cached (``mean``,
-    ``log_var``); otherwise the first layer's projection without its condition term.
+    ``log_var``); otherwise the first layer's projection without its condition term. With a
+    frozen NB dispersion, each cell's likelihood terms that the mean does not enter
+    (``likelihood_constant``) as well.
     """
 
     projected: NDArray[np.float32] | None = None
     mean: NDArray[np.float32] | None = None
     log_var: NDArray[np.float32] | None = None
+    likelihood_constant: NDArray[np.float32] | None = None
 
 
 @dataclass
@@ -108,6 +115,7 @@ class Batch:
     input_of: Callable[[], Tensor]  # computes the encoder input of these cells
     projected: Tensor | None = None
     encoded: tuple[Tensor, Tensor] | None = None
+    likelihood_constant: Tensor | None = None
 
     @cached_property
     def model_input(self) -> Tensor:
@@ -136,28 +144,36 @@ def make_batch(
     data: TrainingData,
     rows: NDArray[np.int64],
     recipe: PreprocessingRecipe,
-    cache: EncoderCache | None = None,
+    cache: FrozenCache | None = None,
 ) -> Batch:
     """Densify the rows ``rows`` of ``data`` into a :class:`Batch`."""
     block = data.counts[rows]
-    coo = block.tocoo()
     batch = Batch(
         counts=torch.from_numpy(block.toarray()),
-        nonzero=NonZero(
-            torch.from_numpy(coo.row.astype(np.int64)),
-            torch.from_numpy(coo.col.astype(np.int64)),
-            torch.from_numpy(coo.data),
-        ),
+        nonzero=_nonzero(block),
         library=torch.from_numpy(data.library[rows]),
         condition=torch.from_numpy(data.conditions[rows]),
         targets=[torch.from_numpy(t[rows]) for t in data.targets],
         input_of=lambda: rows_input(data, rows, recipe, block),
     )
-    if cache is not None and cache.mean is not None and cache.log_var is not None:
+    if cache is None:
+        return batch
+    if cache.mean is not None and cache.log_var is not None:
         batch.encoded = (torch.from_numpy(cache.mean[rows]), torch.from_numpy(cache.log_var[rows]))
-    elif cache is not None and cache.projected is not None:
+    elif cache.projected is not None:
         batch.projected = torch.from_numpy(cache.projected[rows])
+    if cache.likelihood_constant is not None:
+        batch.likelihood_constant = torch.from_numpy(cache.likelihood_constant[rows])
     return batch
+
+
+def _nonzero(block: sp.csr_matrix) -> NonZero:
+    coo = block.tocoo()
+    return NonZero(
+        torch.from_numpy(coo.row.astype(np.int64)),
+        torch.from_numpy(coo.col.astype(np.int64)),
+        torch.from_numpy(coo.data),
+    )
 
 
 def iter_inputs(
@@ -190,21 +206,30 @@ def iter_inputs(
 
 
 @torch.no_grad()
-def cache_encoder(model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe) -> EncoderCache:
-    """The :class:`EncoderCache` of every cell; valid while the encoder's trunk is frozen."""
+def cache_frozen(model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe) -> FrozenCache:
+    """The :class:`FrozenCache` of every cell; valid while the network's trunk is frozen."""
     model.eval()
     project = model.sparse_projector()
+    cache = FrozenCache()
     if model.encoder_condition is None and model.embedding is None:
-        mean = np.empty((data.n_cells, model.config.latent_dim), dtype=np.float32)
-        log_var = np.empty_like(mean)
+        cache.mean = np.empty((data.n_cells, model.config.latent_dim), dtype=np.float32)
+        cache.log_var = np.empty_like(cache.mean)
         for rows, x, condition in iter_inputs(data, recipe):
-            m, v = model.encode_projected(project(x), condition)
-            mean[rows], log_var[rows] = m.numpy(), v.numpy()
-        return EncoderCache(mean=mean, log_var=log_var)
-    projected = np.empty((data.n_cells, model.encoder_input.out_features), dtype=np.float32)
-    for rows, x, _ in iter_inputs(data, recipe):
-        projected[rows] = project(x).numpy()
-    return EncoderCache(projected=projected)
+            mean, log_var = model.encode_projected(project(x), condition)
+            cache.mean[rows], cache.log_var[rows] = mean.numpy(), log_var.numpy()
+    else:
+        cache.projected = np.empty(
+            (data.n_cells, model.encoder_input.out_features), dtype=np.float32
+        )
+        for rows, x, _ in iter_inputs(data, recipe):
+            cache.projected[rows] = project(x).numpy()
+    if model.has_fixed_likelihood_terms:
+        cache.likelihood_constant = np.empty(data.n_cells, dtype=np.float32)
+        for start in range(0, data.n_cells, CONSTANT_CHUNK_CELLS):
+            rows = slice(start, min(start + CONSTANT_CHUNK_CELLS, data.n_cells))
+            terms = model.fixed_likelihood_terms(_nonzero(data.counts[rows]), rows.stop - start)
+            cache.likelihood_constant[rows] = terms.numpy()
+    return cache
 
 
 @torch.no_grad()
@@ -346,8 +371,9 @@ def compute_loss(
     out = model.decode(z, batch.condition)
     transformed = batch.model_input if model.scores_transformed_input else None
     recon = model.reconstruction_nll(
-        out, batch.counts, batch.nonzero, batch.library, batch.condition, transformed
-    ).mean()
+        out, batch.counts, batch.nonzero, batch.library, batch.condition, transformed,
+        batch.likelihood_constant,
+    ).mean()  # fmt: skip
     kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp()).sum(dim=-1)).mean()
     total = recon + kl_weight * kl
     monitored = recon + train.kl_weight * kl
@@ -432,7 +458,7 @@ def _fit(
     if optimiser is None or train.epochs == 0:
         return FitResult(0, 0, time.perf_counter() - started, False, -1, 0, [])
     train_rows, val_rows = _split(data.n_cells, train.validation_fraction, rng)
-    cache = cache_encoder(model, data, recipe) if mode == "mapping" else None
+    cache = cache_frozen(model, data, recipe) if mode == "mapping" else None
     proto_start = train.effective_pretrain_epochs
     use_prototypes = (
         prototypes is not None
@@ -503,7 +529,7 @@ def _run_epoch(
     train: TrainConfig,
     optimiser: torch.optim.Optimizer,
     params: list[nn.Parameter],
-    cache: EncoderCache | None,
+    cache: FrozenCache | None,
     prototypes: PrototypeTargets | None,
     kl_weight: float,
     mode: Mode,
@@ -555,7 +581,7 @@ def _evaluate(
     rows: NDArray[np.int64],
     recipe: PreprocessingRecipe,
     train: TrainConfig,
-    cache: EncoderCache | None,
+    cache: FrozenCache | None,
     prototypes: PrototypeTargets | None,
 ) -> float:
     total = 0.0

@@ -27,6 +27,26 @@ def test_negative_binomial_matches_scipy(counts: tuple[torch.Tensor, ...]) -> No
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_negative_binomial_with_its_constant_passed_in(counts: tuple[torch.Tensor, ...]) -> None:
+    # While the dispersion is frozen, the terms the mean does not enter are computed once per
+    # cell and passed in; the likelihood and its gradient in the mean must not change.
+    x, log_mu, theta = counts
+    nz = lk.NonZero.from_dense(x)
+    constant = lk.negative_binomial_constant(nz, x.shape[0], theta)
+    expected = -stats.nbinom.logpmf(
+        x.numpy(), theta.numpy(), theta.numpy() / (theta + log_mu.exp()).numpy()
+    )
+    assert not np.allclose(constant.numpy(), 0)
+    grads = []
+    for passed in (None, constant):
+        mean = log_mu.clone().requires_grad_(True)
+        nll = lk.negative_binomial_nll(x, nz, mean, theta, passed)
+        np.testing.assert_allclose(nll.detach().numpy(), expected.sum(axis=1), rtol=1e-5)
+        nll.sum().backward()
+        grads.append(mean.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_zero_inflated_nb_matches_its_definition(counts: tuple[torch.Tensor, ...]) -> None:
     x, log_mu, theta = counts
     zi = torch.randn(32, 50, generator=torch.Generator().manual_seed(1))

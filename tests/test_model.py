@@ -15,7 +15,7 @@ from fedatlas.shared.nn.layers import SparseLinear, SparseRows
 from fedatlas.shared.nn.vae import CondVAE
 from fedatlas.shared.training import (
     TrainingData,
-    cache_encoder,
+    cache_frozen,
     compute_loss,
     fit,
     iter_inputs,
@@ -162,7 +162,7 @@ def test_sparse_projection_matches_the_dense_encoder(preset: str) -> None:
         projected = model.project_input(dense)
         mean, log_var = model.encode(dense, torch.from_numpy(conditions))
     np.testing.assert_allclose(latent_means(model, data, recipe), mean, atol=1e-5)
-    cache = cache_encoder(model, data, recipe)
+    cache = cache_frozen(model, data, recipe)
     if preset == "scalex":  # the encoder never sees the condition: whole encodings are cached
         assert cache.mean is not None
         assert cache.log_var is not None
@@ -173,6 +173,45 @@ def test_sparse_projection_matches_the_dense_encoder(preset: str) -> None:
     project = model.sparse_projector()
     chunked = torch.cat([project(x) for _, x, _ in iter_inputs(data, recipe, chunk_cells=64)])
     np.testing.assert_allclose(chunked, projected, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["scpoli", "scarches", "scalex"])
+def test_a_minibatch_from_the_mapping_cache_has_the_same_loss_and_gradient(preset: str) -> None:
+    # Mapping computes once per cell what the frozen network yields for it alone (the encoder's
+    # projection; with scpoli's frozen per-gene NB dispersion also the Gamma-function and
+    # dispersion terms). Scored from that cache, a minibatch must have the loss and the
+    # adaptor's gradient of the same minibatch scored from scratch.
+    rng = np.random.default_rng(2)
+    n_cells, n_genes = 120, 200
+    counts = sp.csr_matrix(rng.poisson(rng.gamma(0.5, 2.0, (n_cells, n_genes))), dtype=np.float32)
+    conditions = rng.integers(0, 4, n_cells)  # condition 3 is the site's new one
+    config = get_preset(preset).model_config(n_genes)
+    recipe = PreprocessingRecipe(n_top_genes=n_genes, input_transform=config.input_transform)
+    data = TrainingData.for_recipe(counts, conditions, [], recipe)
+    torch.manual_seed(0)
+    model = CondVAE(config, n_conditions=3)
+    with torch.no_grad():
+        for parameter in model.parameters():  # a trained-looking dispersion, not all ones
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.freeze_all()
+    model.add_conditions(1)
+    cache = cache_frozen(model, data, recipe)
+    assert (cache.likelihood_constant is not None) == (preset == "scpoli")
+    train = TrainConfig(epochs=1)
+    rows = np.arange(0, n_cells, 3)
+    scored = []
+    for source in (None, cache):
+        model.zero_grad(set_to_none=True)
+        batch = make_batch(data, rows, recipe, source)
+        loss = compute_loss(model, batch, train, kl_weight=1.0, prototypes=None, sample=False)
+        loss.total.backward()
+        scored.append((loss.total.detach(), [p.grad.clone() for p in model.trainable_parameters()]))
+    (fresh_loss, fresh_grads), (cached_loss, cached_grads) = scored
+    torch.testing.assert_close(cached_loss, fresh_loss, rtol=1e-5, atol=1e-3)
+    assert fresh_grads, "the new condition has trainable rows"
+    for fresh, cached in zip(fresh_grads, cached_grads, strict=True):
+        assert fresh.abs().sum() > 0
+        torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-5)
 
 
 def test_sparse_linear_matches_linear_across_column_blocks() -> None:

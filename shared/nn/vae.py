@@ -187,14 +187,18 @@ class CondVAE(nn.Module):
         library: Tensor,
         condition: Tensor,
         transformed: Tensor | None = None,
+        constant: Tensor | None = None,
     ) -> Tensor:
         """Per-cell negative log-likelihood of the data under the decoder's output.
 
         Count likelihoods score raw ``counts`` (dense, with their ``nonzero`` entries) with mean
         softmax(logits) x observed library size; Gaussian and Bernoulli score the
         ``transformed`` input (required for them, see :attr:`scores_transformed_input`).
+        ``constant``: these cells' :meth:`fixed_likelihood_terms`, if computed already.
         """
         lik = self.config.likelihood
+        if constant is not None and lik != "nb":
+            raise ValueError(f"the {lik} likelihood has no fixed terms to pass in")
         if lik in COUNT_LIKELIHOODS:
             log_library = torch.log(library.clamp(min=1.0)).unsqueeze(-1)
             log_mu = torch.log_softmax(out.logits, dim=-1) + log_library
@@ -202,7 +206,7 @@ class CondVAE(nn.Module):
                 return likelihoods.poisson_nll(counts, nonzero, log_mu)
             theta = self.theta(condition)
             if lik == "nb":
-                return likelihoods.negative_binomial_nll(counts, nonzero, log_mu, theta)
+                return likelihoods.negative_binomial_nll(counts, nonzero, log_mu, theta, constant)
             assert out.zi_logits is not None
             return likelihoods.zero_inflated_nb_nll(counts, nonzero, log_mu, theta, out.zi_logits)
         if transformed is None:
@@ -210,6 +214,27 @@ class CondVAE(nn.Module):
         if lik == "gaussian":
             return likelihoods.gaussian_nll(transformed, out.logits)
         return likelihoods.bernoulli_nll(transformed, out.logits)
+
+    @property
+    def has_fixed_likelihood_terms(self) -> bool:
+        """True when some likelihood terms depend on no trainable tensor, so that they can be
+        computed once per cell (:meth:`fixed_likelihood_terms`): NB with a frozen per-gene
+        dispersion, as a release's trunk is during mapping."""
+        return (
+            self.config.likelihood == "nb"
+            and self.log_theta is not None
+            and not self.log_theta.requires_grad
+        )
+
+    @torch.no_grad()
+    def fixed_likelihood_terms(self, nonzero: NonZero, n_cells: int) -> Tensor:
+        """Per cell, the NB terms the mean does not enter (its Gamma-function and dispersion
+        terms) of cells whose non-zero counts are ``nonzero``; see
+        :attr:`has_fixed_likelihood_terms`."""
+        if not self.has_fixed_likelihood_terms or self.log_theta is None:
+            raise ValueError("only an NB likelihood with a frozen per-gene dispersion has them")
+        theta = torch.exp(self.log_theta).unsqueeze(0)
+        return likelihoods.negative_binomial_constant(nonzero, n_cells, theta)
 
     # ---------------------------------------------------------------------- tensors and surgery
     def export_tensors(self) -> dict[str, Tensor]:
