@@ -3,7 +3,7 @@
 One loop serves both jobs. ``mode="reference"`` trains the whole network (train mode: dropout
 and batch statistics on). ``mode="mapping"`` keeps the network in eval mode, so dropout is off and
 no running statistic moves, and only the fresh condition rows reach the optimiser; what the frozen
-network computes for every cell alone (its encoding, the likelihood's constant terms) is cached
+network computes for every cell alone (its encoding, the likelihood's fixed terms) is cached
 once and reused across epochs (:class:`FrozenCache`).
 """
 
@@ -42,9 +42,9 @@ CHUNK_CELLS = 4096
 # Validation chunks are smaller: the MMD term builds cells x cells kernels (64 MB per term at
 # 4,096 cells, 4 MB at 1,024).
 VALIDATION_CHUNK_CELLS = 1024
-# Likelihood constants are computed on every non-zero count (int64 coordinates, Gamma-function
-# temporaries): 1,024 dense-ish cells of 2,000 genes take about 25 MB.
-CONSTANT_CHUNK_CELLS = 1024
+# Fixed likelihood terms are computed on every non-zero count, about 40 bytes each (int64
+# coordinates, Gamma-function temporaries): 1,024 cells with 1,000 non-zeros each take 40 MB.
+FIXED_TERMS_CHUNK_CELLS = 1024
 # Intra-op threads while training. Minibatches of 64-128 cells are too small to share across
 # cores: on two cores one thread trained 1.2-1.5x faster than two (CellBench references of all
 # three presets, 10^4-cell mappings); whole-data passes (projection) keep every thread.
@@ -94,13 +94,13 @@ class FrozenCache:
     When the encoder never sees the condition (DSBN) the whole encoding is cached (``mean``,
     ``log_var``); otherwise the first layer's projection without its condition term. With a
     frozen NB dispersion, each cell's likelihood terms that the mean does not enter
-    (``likelihood_constant``) as well.
+    (``fixed_likelihood_terms``, see :meth:`CondVAE.fixed_likelihood_terms`) as well.
     """
 
     projected: NDArray[np.float32] | None = None
     mean: NDArray[np.float32] | None = None
     log_var: NDArray[np.float32] | None = None
-    likelihood_constant: NDArray[np.float32] | None = None
+    fixed_likelihood_terms: NDArray[np.float32] | None = None
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Batch:
     input_of: Callable[[], Tensor]  # computes the encoder input of these cells
     projected: Tensor | None = None
     encoded: tuple[Tensor, Tensor] | None = None
-    likelihood_constant: Tensor | None = None
+    fixed_likelihood_terms: Tensor | None = None
 
     @cached_property
     def model_input(self) -> Tensor:
@@ -162,12 +162,13 @@ def make_batch(
         batch.encoded = (torch.from_numpy(cache.mean[rows]), torch.from_numpy(cache.log_var[rows]))
     elif cache.projected is not None:
         batch.projected = torch.from_numpy(cache.projected[rows])
-    if cache.likelihood_constant is not None:
-        batch.likelihood_constant = torch.from_numpy(cache.likelihood_constant[rows])
+    if cache.fixed_likelihood_terms is not None:
+        batch.fixed_likelihood_terms = torch.from_numpy(cache.fixed_likelihood_terms[rows])
     return batch
 
 
 def _nonzero(block: sp.csr_matrix) -> NonZero:
+    """The non-zero entries of ``block`` as tensors."""
     coo = block.tocoo()
     return NonZero(
         torch.from_numpy(coo.row.astype(np.int64)),
@@ -224,11 +225,11 @@ def cache_frozen(model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe
         for rows, x, _ in iter_inputs(data, recipe):
             cache.projected[rows] = project(x).numpy()
     if model.has_fixed_likelihood_terms:
-        cache.likelihood_constant = np.empty(data.n_cells, dtype=np.float32)
-        for start in range(0, data.n_cells, CONSTANT_CHUNK_CELLS):
-            rows = slice(start, min(start + CONSTANT_CHUNK_CELLS, data.n_cells))
+        cache.fixed_likelihood_terms = np.empty(data.n_cells, dtype=np.float32)
+        for start in range(0, data.n_cells, FIXED_TERMS_CHUNK_CELLS):
+            rows = slice(start, min(start + FIXED_TERMS_CHUNK_CELLS, data.n_cells))
             terms = model.fixed_likelihood_terms(_nonzero(data.counts[rows]), rows.stop - start)
-            cache.likelihood_constant[rows] = terms.numpy()
+            cache.fixed_likelihood_terms[rows] = terms.numpy()
     return cache
 
 
@@ -372,7 +373,7 @@ def compute_loss(
     transformed = batch.model_input if model.scores_transformed_input else None
     recon = model.reconstruction_nll(
         out, batch.counts, batch.nonzero, batch.library, batch.condition, transformed,
-        batch.likelihood_constant,
+        batch.fixed_likelihood_terms,
     ).mean()  # fmt: skip
     kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp()).sum(dim=-1)).mean()
     total = recon + kl_weight * kl

@@ -196,7 +196,7 @@ def test_a_minibatch_from_the_mapping_cache_has_the_same_loss_and_gradient(prese
     model.freeze_all()
     model.add_conditions(1)
     cache = cache_frozen(model, data, recipe)
-    assert (cache.likelihood_constant is not None) == (preset == "scpoli")
+    assert (cache.fixed_likelihood_terms is not None) == (preset == "scpoli")
     train = TrainConfig(epochs=1)
     rows = np.arange(0, n_cells, 3)
     scored = []

@@ -187,17 +187,17 @@ class CondVAE(nn.Module):
         library: Tensor,
         condition: Tensor,
         transformed: Tensor | None = None,
-        constant: Tensor | None = None,
+        fixed_terms: Tensor | None = None,
     ) -> Tensor:
         """Per-cell negative log-likelihood of the data under the decoder's output.
 
         Count likelihoods score raw ``counts`` (dense, with their ``nonzero`` entries) with mean
         softmax(logits) x observed library size; Gaussian and Bernoulli score the
         ``transformed`` input (required for them, see :attr:`scores_transformed_input`).
-        ``constant``: these cells' :meth:`fixed_likelihood_terms`, if computed already.
+        ``fixed_terms``: these cells' :meth:`fixed_likelihood_terms`, if computed already.
         """
         lik = self.config.likelihood
-        if constant is not None and lik != "nb":
+        if fixed_terms is not None and lik != "nb":
             raise ValueError(f"the {lik} likelihood has no fixed terms to pass in")
         if lik in COUNT_LIKELIHOODS:
             log_library = torch.log(library.clamp(min=1.0)).unsqueeze(-1)
@@ -206,7 +206,9 @@ class CondVAE(nn.Module):
                 return likelihoods.poisson_nll(counts, nonzero, log_mu)
             theta = self.theta(condition)
             if lik == "nb":
-                return likelihoods.negative_binomial_nll(counts, nonzero, log_mu, theta, constant)
+                return likelihoods.negative_binomial_nll(
+                    counts, nonzero, log_mu, theta, fixed_terms
+                )
             assert out.zi_logits is not None
             return likelihoods.zero_inflated_nb_nll(counts, nonzero, log_mu, theta, out.zi_logits)
         if transformed is None:
