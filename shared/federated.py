@@ -50,7 +50,7 @@ from fedatlas.shared.nn.vae import TABLE_SUFFIX, CondVAE
 from fedatlas.shared.preprocessing import GeneVotes, combine_gene_votes, gene_votes
 from fedatlas.shared.prototypes import PrototypeSet
 from fedatlas.shared.reference import reference_content, release_provenance
-from fedatlas.shared.release import CLUSTER_LEVEL, MODEL_PREFIX, Release, prototype_prefix
+from fedatlas.shared.release import MODEL_PREFIX, Release, prototype_prefix, transfer_levels
 from fedatlas.shared.training import PrototypeTargets, TrainingData, fit
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ def federated_release(
         transfer={
             "method": "prototype",
             "unknown_thresholds": {
-                "prototype": dict.fromkeys(levels or [CLUSTER_LEVEL], unknown_threshold)
+                "prototype": dict.fromkeys(transfer_levels(levels), unknown_threshold)
             },
         },
         federated={"plan": plan.to_dict(), "sites": list(sites), "rounds": list(history)},

@@ -28,7 +28,6 @@ from fedatlas.shared.preprocessing import select_highly_variable_genes
 from fedatlas.shared.progress import Progress
 from fedatlas.shared.prototypes import PrototypeSet, cluster_prototypes
 from fedatlas.shared.release import (
-    CLUSTER_LEVEL,
     CONDITION_TENSOR,
     LATENT_TENSOR,
     MODEL_PREFIX,
@@ -36,6 +35,7 @@ from fedatlas.shared.release import (
     Release,
     prototype_prefix,
     reference_label_tensor,
+    transfer_levels,
 )
 from fedatlas.shared.training import (
     FitResult,
@@ -243,8 +243,8 @@ def _transfer_defaults(
     seed: int,
 ) -> dict[str, Any]:
     """The release's default label-transfer method and each method's unknown threshold per
-    label level (:data:`CLUSTER_LEVEL` when the reference has none)."""
-    levels = list(cells.labels) or [CLUSTER_LEVEL]
+    label level (see :func:`transfer_levels`)."""
+    levels = transfer_levels(list(cells.labels))
     thresholds = {"prototype": dict.fromkeys(levels, DEFAULT_UNKNOWN_THRESHOLD)}
     defaults: dict[str, Any] = {}
     primary = next(iter(cells.labels.values()), None)

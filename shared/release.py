@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,12 @@ def prototype_prefix(level_index: int) -> str:
 UNLABELED_PREFIX = "prototypes.unlabeled"
 #: The level under which a release without label levels labels cells: its Leiden clusters.
 CLUSTER_LEVEL = "cluster"
+
+
+def transfer_levels(label_levels: Sequence[str]) -> list[str]:
+    """The levels cells are labelled at: the label levels, or :data:`CLUSTER_LEVEL` alone for a
+    reference without any."""
+    return list(label_levels) or [CLUSTER_LEVEL]
 
 
 def reference_label_tensor(level_index: int) -> str:
@@ -112,7 +119,7 @@ class Release(Artifact):
             )
         recorded = thresholds[method]
         if isinstance(recorded, int | float):
-            return dict.fromkeys(self.label_levels or [CLUSTER_LEVEL], float(recorded))
+            return dict.fromkeys(transfer_levels(self.label_levels), float(recorded))
         return {level: float(t) for level, t in recorded.items()}
 
     def prototypes(self, level: str) -> PrototypeSet:
