@@ -1,7 +1,7 @@
 """CellBench S1/S2 quality and wall time per step, with the presets' full recipes.
 
 For each preset and scenario: build the reference on the three reference datasets, map both
-query plates unlabelled, and score with ``fedatlas.shared.evaluation`` (integration on the joint
+query plates unlabelled, and score with ``fedatlas.benchmarks.scoring`` (integration on the joint
 latent, label accuracy / macro F1 on lines the reference knows, AUROC of the uncertainty for the
 unseen lines of S2). The published peers' numbers (measured on these splits, see the issue) are
 printed beside ours.
@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from fedatlas.shared.cellbench import find_cellbench_dir, load_scenario
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.evaluation import MappedQuery, evaluate
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.plotting import plot_joint_embedding
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
+from fedatlas.benchmarks.cellbench import find_cellbench_dir, load_scenario
+from fedatlas.benchmarks.scoring import MappedQuery, evaluate
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.evaluation.plotting import plot_joint_embedding
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,8 +49,9 @@ PEERS: dict[tuple[str, str], tuple[float, float, float, float | None, float, int
     ("scalex", "S2"): (0.767, 1.000, 1.000, 0.784, 0.3, 0, 2_105_572),
 }
 # The peers' own spread over seeds 0-4 on S2: the same tools and recipes run in a separate
-# environment on the same 2,000 genes, scored with fedatlas.shared.metrics (issue 2's closing
-# notes). trVAE's AUROC is from its default get_latent() (sampled z), the published protocol.
+# environment on the same 2,000 genes, scored with fedatlas.shared.evaluation.metrics
+# (issue 2's closing notes). trVAE's AUROC is from its default get_latent() (sampled z), the
+# published protocol.
 # metric -> (mean, min, max)
 PEER_SEED_SPREAD: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {
     ("scarches", "S2"): {"overall": (0.716, 0.694, 0.748), "unknown_auroc": (0.971, 0.926, 0.989)},

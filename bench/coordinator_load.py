@@ -29,17 +29,17 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.coordinator.registry import Registry, init_store
 from fedatlas.coordinator.verification import Policy
-from fedatlas.shared.adaptor import Adaptor, compose
-from fedatlas.shared.bundle import make_bundle
-from fedatlas.shared.composite import sign_composite
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
-from fedatlas.shared.signing import load_signing_key, public_bytes, write_keypair
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.adaptor import Adaptor, compose
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.wire.bundle import make_bundle
+from fedatlas.shared.wire.composite import sign_composite
+from fedatlas.shared.wire.signing import load_signing_key, public_bytes, write_keypair
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_EPOCHS = {"scpoli": 5, "scarches": 5, "scalex": 3}
@@ -64,7 +64,7 @@ def trained_adaptor(world: SyntheticWorld, preset: str) -> tuple[Release, Adapto
 def relabelled(adaptor: Adaptor, site_id: str, batch: str) -> Adaptor:
     """The adaptor's first condition row as batch ``batch`` of ``site_id``."""
     from fedatlas.shared.hashing import tensor_index
-    from fedatlas.shared.release import MODEL_PREFIX
+    from fedatlas.shared.model.release import MODEL_PREFIX
 
     tensors = {
         k: (v[:1].clone() if k.startswith(MODEL_PREFIX) else v) for k, v in adaptor.tensors.items()
@@ -80,7 +80,7 @@ def site_process(address: str, ca: str, paths: list[str], start: float, out: Any
     """One site: wait for the common start, then send its bundles one after another."""
     import grpc
 
-    from fedatlas.shared.transport import CHANNEL_OPTIONS
+    from fedatlas.shared.wire.transport import CHANNEL_OPTIONS
     from fedatlas.v1 import coordinator_pb2 as pb
     from fedatlas.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -114,7 +114,7 @@ def load_test(release: Release, adaptor: Adaptor, n_sites: int, per_site: int) -
                     path.write_bytes(make_bundle(relabelled(adaptor, site_id, f"b{b}"), key).raw)
                     files[site_id].append(str(path))
         server = subprocess.Popen(
-            [sys.executable, "-m", "fedatlas.shared.cli", "coordinator", "serve", "--store",
+            [sys.executable, "-m", "fedatlas", "coordinator", "serve", "--store",
              str(root / "store"), "--address", "127.0.0.1:0", "--workers", "16"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},

@@ -1,7 +1,7 @@
 """FedAvg / FedProx rounds needed to reach the central reference's score, on CellBench S1.
 
 The three S1 reference datasets are three sites that never pool cells; the federated build
-(:mod:`fedatlas.shared.federated`, the algorithm the Flower apps run) is scored after every
+(:mod:`fedatlas.shared.model.federated`, the algorithm the Flower apps run) is scored after every
 round: each site's kept rows become its adaptor on that round's trunk, and both S1 query plates
 are mapped onto the composite and scored exactly like the central reference (integration on
 the joint latent, label accuracy). Also reports the bytes a site exchanges per round.
@@ -22,19 +22,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedatlas.shared.adaptor import compose
-from fedatlas.shared.cellbench import REFERENCE_STEMS, find_cellbench_dir, load_scenario
-from fedatlas.shared.dataset import CellTable, extract_cells
-from fedatlas.shared.evaluation import ReferenceCells, map_and_evaluate
-from fedatlas.shared.federated import (
+from fedatlas.benchmarks.cellbench import REFERENCE_STEMS, find_cellbench_dir, load_scenario
+from fedatlas.benchmarks.scoring import ReferenceCells, map_and_evaluate
+from fedatlas.shared.data.dataset import CellTable, extract_cells
+from fedatlas.shared.model.adaptor import compose
+from fedatlas.shared.model.federated import (
     FederatedPlan,
     SiteTrainer,
     Trunk,
     federated_release,
     train_federated,
 )
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MARGIN = 0.01  # "reached": within this of the central reference's overall score

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main as cli
 from fedatlas.coordinator.registry import Registry
 from fedatlas.coordinator.simulation import simulate
-from fedatlas.shared.cli import main as cli
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.reference import build_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_EPOCHS = 20

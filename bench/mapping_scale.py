@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 from mapping_speed import CELL_TYPES, CHILD, REFERENCE_EPOCHS
 
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.reference import build_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SITE_BATCHES = ("b1", "b2", "b3")

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.genes import align_genes
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
-from fedatlas.shared.synthetic import SyntheticWorld
-from fedatlas.shared.training import TrainingData, latent_means
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.data.genes import align_genes
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.model.training import TrainingData, latent_means
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_EPOCHS = {"scpoli": 10, "scarches": 20, "scalex": 5}
@@ -46,7 +46,7 @@ CELL_TYPES = tuple(f"type{i}" for i in range(8))
 CHILD = """
 import json, re, sys, time
 from pathlib import Path
-from fedatlas.shared.cli import main
+from fedatlas.cli import main
 started = time.perf_counter()
 code = main(sys.argv[1:])
 hwm_kb = int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))

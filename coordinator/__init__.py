@@ -1,1 +1,1 @@
-"""fedatlas.coordinator: the operator's side (reference releases; registry and server to come)."""
+"""fedatlas.coordinator: the coordinator (registry, verification, services, admin commands)."""

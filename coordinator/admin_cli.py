@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedatlas.shared.cli import (
+from fedatlas.shared.config import PRESETS
+from fedatlas.shared.runtime.commands import (
     add_data_arguments,
     add_subcommand,
     print_result,
@@ -22,7 +23,6 @@ from fedatlas.shared.cli import (
     settings,
     table,
 )
-from fedatlas.shared.config import PRESETS
 
 if TYPE_CHECKING:
     from fedatlas.coordinator.registry import Outcome, Registry
@@ -143,7 +143,7 @@ def _register_reference(sections: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     from fedatlas.shared.config import ModelConfig, TrainConfig
     from fedatlas.shared.errors import ReleaseError
-    from fedatlas.shared.reference import build_reference
+    from fedatlas.shared.model.reference import build_reference
 
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -301,7 +301,7 @@ def _init(args: argparse.Namespace) -> int:
     from fedatlas.coordinator.registry import init_store
     from fedatlas.coordinator.tls import DEFAULT_HOSTS
     from fedatlas.coordinator.verification import Policy
-    from fedatlas.shared.signing import fingerprint, load_public_key
+    from fedatlas.shared.wire.signing import fingerprint, load_public_key
 
     policy = _policy_from(args, Policy())
     hosts = list(dict.fromkeys([*(args.host or []), *DEFAULT_HOSTS]))
@@ -329,7 +329,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from fedatlas.shared.release import Release
+    from fedatlas.shared.model.release import Release
 
     release = Release.load(args.release)
     with _registry(args) as registry:
@@ -346,7 +346,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from fedatlas.shared.signing import (
+    from fedatlas.shared.wire.signing import (
         NODE_KEY_STEM,
         fingerprint,
         load_node_public_key,
@@ -396,7 +396,7 @@ def _store_call(call: Any) -> Any:
 
 
 def _list_sites(args: argparse.Namespace) -> int:
-    from fedatlas.shared.signing import fingerprint
+    from fedatlas.shared.wire.signing import fingerprint
 
     with _registry(args) as registry:
         sites = registry.store.list_sites()

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fedatlas.coordinator.registry import Registry
-from fedatlas.shared.flower import BUNDLE_RECORD, COMPOSITE_RECORD
 from fedatlas.shared.hashing import digest
+from fedatlas.shared.runtime.flower import BUNDLE_RECORD, COMPOSITE_RECORD
 
 log = logging.getLogger(__name__)
 

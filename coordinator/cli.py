@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedatlas.shared.cli import add_subcommand
 from fedatlas.shared.config import PRESETS as PRESET_NAMES
+from fedatlas.shared.runtime.commands import add_subcommand
 
 NODE_SYNC_SECONDS = 5.0  # how often the SuperLink's node registrations follow the store
 
@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _superlink(args: argparse.Namespace) -> int:
     from fedatlas.coordinator.flower_runs import start_superlink, sync_nodes
-    from fedatlas.shared.flower import supervise
+    from fedatlas.shared.runtime.flower import supervise
 
     process = start_superlink(args.store, args.address)
     print(f"superlink on {args.address} (store {args.store})", flush=True)
@@ -156,8 +156,8 @@ def _campaign(args: argparse.Namespace) -> int:
 
 def _federated_build(args: argparse.Namespace) -> int:
     from fedatlas.coordinator.flower_runs import run_federated_build
-    from fedatlas.shared.cli import print_result, table
-    from fedatlas.shared.federated import FederatedPlan
+    from fedatlas.shared.model.federated import FederatedPlan
+    from fedatlas.shared.runtime.commands import print_result, table
 
     plan = FederatedPlan(
         preset=args.model, rounds=args.rounds, local_epochs=args.local_epochs,
@@ -206,7 +206,7 @@ def _site_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def _print_campaign(report: dict[str, Any], as_json: bool) -> None:
-    from fedatlas.shared.cli import print_result, table
+    from fedatlas.shared.runtime.commands import print_result, table
 
     rows = _site_rows(report) + [["-", n, "timed out", "", ""] for n in report["timed_out"]]
     print_result(

@@ -1,6 +1,6 @@
 """The coordinator side of a federated reference build (runs inside Flower's ServerApp).
 
-Steps (see :mod:`fedatlas.shared.federated`): ask every SuperNode for its gene names, then for
+Steps (see :mod:`fedatlas.shared.model.federated`): ask every SuperNode for its gene names, then for
 its gene votes over their union; elect the genes; run the FedAvg/FedProx rounds; publish the
 final trunk as a signed release in the store; send it to the sites, whose signed adaptors are
 registered through :meth:`Registry.submit` exactly like campaign bundles. A site that fails or
@@ -24,8 +24,9 @@ from fedatlas.coordinator.campaign import (
     write_report,
 )
 from fedatlas.coordinator.registry import Registry
+from fedatlas.shared.data.preprocessing import GeneVotes
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.federated import (
+from fedatlas.shared.model.federated import (
     FederatedPlan,
     RoundUpdate,
     Trunk,
@@ -37,8 +38,7 @@ from fedatlas.shared.federated import (
     round_record,
     trunk_problem,
 )
-from fedatlas.shared.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
-from fedatlas.shared.preprocessing import GeneVotes
+from fedatlas.shared.runtime.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedatlas.coordinator.registry import StoreLayout
 from fedatlas.coordinator.store import SQLiteStore
-from fedatlas.shared.flower import (
+from fedatlas.shared.runtime.flower import (
     CONNECTION,
     FlowerError,
     flower_bin,
@@ -26,11 +27,12 @@ from fedatlas.shared.flower import (
 )
 
 if TYPE_CHECKING:
-    from fedatlas.shared.federated import FederatedPlan
+    from fedatlas.shared.model.federated import FederatedPlan
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parent / "flower_app"
+# fedatlas' Flower app (ServerApp and ClientApp), shipped as data of the fedatlas package
+APP_DIR = Path(str(resources.files("fedatlas").joinpath("flower_app")))
 # the loopback address that reaches a SuperLink listening on every interface
 LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}
 

@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives import serialization
 from fedatlas.coordinator.registry import Registry, RegistryError, StoreLayout
 from fedatlas.coordinator.store import BUSY_TIMEOUT_S, CompositeRecord, SQLiteStore, utc_now
 from fedatlas.coordinator.tls import DEFAULT_HOSTS, Issued, issue, make_ca
-from fedatlas.shared.composite import CompositeStatement, sign_composite
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.signing import (
+from fedatlas.shared.wire.composite import CompositeStatement, sign_composite
+from fedatlas.shared.wire.signing import (
     fingerprint,
     load_public_key,
     load_signing_key,

@@ -30,13 +30,13 @@ from fedatlas.coordinator.store import (
 )
 from fedatlas.coordinator.tls import DEFAULT_HOSTS, issue, make_ca
 from fedatlas.coordinator.verification import Policy, Reference, Rejection, verify_bundle
-from fedatlas.shared.adaptor import Adaptor, compose
-from fedatlas.shared.bundle import parse_bundle
-from fedatlas.shared.composite import CompositeStatement, sign_composite
 from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.hashing import digest
-from fedatlas.shared.release import Release
-from fedatlas.shared.signing import fingerprint, load_signing_key, public_bytes, write_keypair
+from fedatlas.shared.model.adaptor import Adaptor, compose
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.wire.bundle import parse_bundle
+from fedatlas.shared.wire.composite import CompositeStatement, sign_composite
+from fedatlas.shared.wire.signing import fingerprint, load_signing_key, public_bytes, write_keypair
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from fedatlas.coordinator.registry import Outcome, Registry, RegistryError
 from fedatlas.coordinator.tls import read_pem
 from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.hashing import tensor_bytes
-from fedatlas.shared.signing import fingerprint
-from fedatlas.shared.transport import CHANNEL_OPTIONS, CHUNK_BYTES
+from fedatlas.shared.wire.signing import fingerprint
+from fedatlas.shared.wire.transport import CHANNEL_OPTIONS, CHUNK_BYTES
 from fedatlas.v1 import coordinator_pb2 as pb
 from fedatlas.v1 import coordinator_pb2_grpc as pb_grpc
 

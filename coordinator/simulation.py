@@ -2,15 +2,15 @@
 
 The same Flower app as ``coordinator campaign`` runs on a simulation SuperLink that this
 command starts on a free loopback port and owns; Flower's Ray backend plays one SuperNode per
-virtual site (see :mod:`fedatlas.shared.virtual_sites`) and the ServerApp registers their
+virtual site (see :mod:`fedatlas.shared.runtime.virtual_sites`) and the ServerApp registers their
 bundles through the usual verification, so a virtual site that is not enrolled is rejected
 (``unknown_site``) like any other. Flower's managed ``:local:`` SuperLink is not used: it
 outlives ``flwr``.
 
 Every process started here (the SuperLink, its SuperExec, ``flwr-simulation``, Ray's GCS,
 raylet, agents and workers) stays a descendant of this one (it adopts orphans, see
-:mod:`fedatlas.shared.process_tree`); on success, failure, Ctrl-C or SIGTERM the SuperLink is
-stopped, every other process started meanwhile is ended and Ray's session directory is
+:mod:`fedatlas.shared.runtime.process_tree`); on success, failure, Ctrl-C or SIGTERM the
+SuperLink is stopped, every other process started meanwhile is ended and Ray's session directory is
 removed. Each ClientApp's torch uses one thread; ``parallel`` clients train at a time.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 from fedatlas.coordinator.flower_runs import flower_dir, run_campaign_app
 from fedatlas.coordinator.registry import StoreLayout
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.flower import (
+from fedatlas.shared.runtime.flower import (
     FlowerError,
     flower_bin,
     flower_env,
@@ -42,8 +42,8 @@ from fedatlas.shared.flower import (
     wait_healthy,
     write_connection,
 )
-from fedatlas.shared.process_tree import adopting_orphans, descendants, end_descendants
-from fedatlas.shared.virtual_sites import read_sites_file, write_federation
+from fedatlas.shared.runtime.process_tree import adopting_orphans, descendants, end_descendants
+from fedatlas.shared.runtime.virtual_sites import read_sites_file, write_federation
 
 log = logging.getLogger(__name__)
 

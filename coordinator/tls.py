@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.signing import write_private_file
+from fedatlas.shared.wire.signing import write_private_file
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 CA_DAYS = 3650

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from fedatlas.coordinator.store import SiteRecord, Store
-from fedatlas.shared.adaptor import Adaptor
-from fedatlas.shared.bundle import BundleError, SignedBundle, parse_bundle
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.release import MODEL_PREFIX, Release, prototype_prefix
-from fedatlas.shared.signing import fingerprint
+from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
+from fedatlas.shared.wire.bundle import BundleError, SignedBundle, parse_bundle
+from fedatlas.shared.wire.signing import fingerprint
 
 Approval = Literal["auto", "hold"]
 

@@ -11,7 +11,7 @@
 4. A third party pulls the composite over gRPC, checks its signature, maps its own cells (with
    a cell type nobody has contributed) and gets labels, uncertainties and a report.
 
-Data: generated (``fedatlas.shared.synthetic``), or the CellBench files with ``--data-dir``.
+Data: generated (``fedatlas.benchmarks.synthetic``), or the CellBench files with ``--data-dir``.
 Everything lands in ``--out``: the data of each party, the release, the store, the logs of every
 process, ``summary.json``, ``joint_embedding.png`` and ``report/`` (``index.html``). Every process
 is stopped at the end, also on failure, Ctrl-C or SIGTERM.
@@ -32,9 +32,9 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
-from fedatlas.shared.cli import add_subcommand, print_result
 from fedatlas.shared.config import DEFAULT_PRESET, PRESETS
 from fedatlas.shared.errors import FedatlasError
+from fedatlas.shared.runtime.commands import add_subcommand, print_result
 
 THIRD_PARTY = "third-party"
 
@@ -81,7 +81,7 @@ def demo_data(data_dir: Path | None, seed: int) -> DemoData:
     sixth type. CellBench: reference = CEL-seq2 + Drop-seq (three lines), sites = the three
     5-line plates without A549 and H838 (plate 3 unlabelled), third party = the whole plate 3."""
     if data_dir is None:
-        from fedatlas.shared.synthetic import (
+        from fedatlas.benchmarks.synthetic import (
             DEMO_CELL_TYPES,
             DEMO_REFERENCE_BATCHES,
             SyntheticWorld,
@@ -99,9 +99,9 @@ def demo_data(data_dir: Path | None, seed: int) -> DemoData:
         }
         third = world.sample(500, batches=("clinic1",), seed=seed + 9, site=THIRD_PARTY)
         labelled = {"site_a": True, "site_b": True, "site_c": False}
-        return DemoData("synthetic (fedatlas.shared.synthetic)", "cell_type", reference, sites,
+        return DemoData("synthetic (fedatlas.benchmarks.synthetic)", "cell_type", reference, sites,
                         labelled, third)  # fmt: skip
-    from fedatlas.shared.cellbench import UNSEEN_IN_S2, load_scenario, load_stem
+    from fedatlas.benchmarks.cellbench import UNSEEN_IN_S2, load_scenario, load_stem
 
     scenario = load_scenario(data_dir, "S1")
     reference = scenario.reference[
@@ -151,9 +151,9 @@ def run_demo(out: Path, *, data_dir: Path | None, model: str, epochs: int | None
 def _build_reference(out: Path, data: DemoData, model: str, epochs: int | None, seed: int,
                      progress: bool) -> None:  # fmt: skip
     """Build the operator's reference release (centrally) and save it in out/release."""
-    from fedatlas.shared.dataset import extract_cells
-    from fedatlas.shared.h5ad import write_h5ad
-    from fedatlas.shared.reference import build_reference
+    from fedatlas.shared.data.dataset import extract_cells
+    from fedatlas.shared.data.h5ad import write_h5ad
+    from fedatlas.shared.model.reference import build_reference
 
     write_h5ad(data.reference, out / "reference" / "cells.h5ad")
     cells = extract_cells(
@@ -166,7 +166,7 @@ def _build_reference(out: Path, data: DemoData, model: str, epochs: int | None, 
 def _set_up_coordinator(out: Path, data: DemoData, release_dir: Path) -> Path:
     """The store, the published release and the enrolled sites, through the real commands;
     each site's cells go to its own folder (labels only where the site has them)."""
-    from fedatlas.shared.h5ad import write_h5ad
+    from fedatlas.shared.data.h5ad import write_h5ad
 
     store = out / "coordinator" / "store"
     if store.exists():
@@ -189,7 +189,7 @@ def _set_up_coordinator(out: Path, data: DemoData, release_dir: Path) -> Path:
 
 def _run_command(args: list[str], log: Path) -> None:
     """Run a fedatlas command in this process, its output appended to ``log``."""
-    from fedatlas.shared.cli import main
+    from fedatlas.cli import main
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle, contextlib.redirect_stdout(handle):
@@ -224,12 +224,12 @@ class ThirdParty:
 
 def _third_party(out: Path, data: DemoData, address: str, store: Path, seed: int,
                  progress: bool) -> ThirdParty:  # fmt: skip
-    from fedatlas.shared.annotations import annotate
-    from fedatlas.shared.dataset import extract_cells
-    from fedatlas.shared.evaluation import MappedQuery, evaluate
-    from fedatlas.shared.h5ad import write_h5ad
-    from fedatlas.shared.mapping import map_cells
-    from fedatlas.shared.signing import load_public_key
+    from fedatlas.benchmarks.scoring import MappedQuery, evaluate
+    from fedatlas.shared.data.dataset import extract_cells
+    from fedatlas.shared.data.h5ad import write_h5ad
+    from fedatlas.shared.model.annotations import annotate
+    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.wire.signing import load_public_key
     from fedatlas.site_client.client import CoordinatorClient
     from fedatlas.site_client.report import write_report
 
@@ -256,8 +256,8 @@ def _third_party(out: Path, data: DemoData, address: str, store: Path, seed: int
 
 def _summary(out: Path, data: DemoData, model: str, campaign: dict[str, Any],
              third: ThirdParty, seconds: float) -> dict[str, Any]:  # fmt: skip
-    from fedatlas.shared.h5ad import read_h5ad
-    from fedatlas.shared.plotting import plot_joint_embedding
+    from fedatlas.shared.data.h5ad import read_h5ad
+    from fedatlas.shared.evaluation.plotting import plot_joint_embedding
 
     sites = {s["site_id"]: s for s in campaign["sites"]}
     trained = {
@@ -272,11 +272,13 @@ def _summary(out: Path, data: DemoData, model: str, campaign: dict[str, Any],
     ref = composite.reference_latents()
     plot = plot_joint_embedding(
         out / "joint_embedding.png",
-        reference_latent=ref[0] if ref else np.zeros((0, third.result.latent.shape[1])),
+        reference_latent=ref[0] if ref else np.zeros((0, third.result.latent.shape[1]), np.float32),
         query_latent=third.result.latent,
         query_labels=third.result.transfers[level].called,
         query_groups=np.full(third.result.latent.shape[0], THIRD_PARTY, object),
-        reference_groups=np.asarray(composite.condition_names, object)[ref[1]] if ref else None,
+        reference_groups=np.asarray(composite.condition_names, object)[ref[1]]
+        if ref
+        else np.zeros(0, object),
         title=f"fedatlas demo: {THIRD_PARTY} mapped onto the composite of {len(sites)} sites",
     )
     scores = third.scores

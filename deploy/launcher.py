@@ -28,9 +28,9 @@ from pathlib import Path
 from types import TracebackType
 
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.flower import stop
+from fedatlas.shared.runtime.flower import stop
 
-FEDATLAS = [sys.executable, "-m", "fedatlas.shared.cli"]
+FEDATLAS = [sys.executable, "-m", "fedatlas"]
 SERVING = re.compile(r"serving on (\S+):(\d+)")
 START_TIMEOUT = 120.0  # seconds for a service to report that it is up (2 busy cores)
 

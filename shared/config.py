@@ -1,6 +1,6 @@
 """Model, training and preprocessing settings, and the three named presets.
 
-Every network fedatlas builds is one conditional VAE core (``fedatlas.shared.nn.vae``); the
+Every network fedatlas builds is one conditional VAE core (``fedatlas.shared.model.nn.vae``); the
 settings here choose its parts. A preset fixes what its seed paper publishes (architecture,
 loss weights, optimiser, epochs); everything else is a documented field with a default.
 """

@@ -1,1 +1,1 @@
-"""fedatlas.site_client: what a site runs on its own data (mapping; submission to come)."""
+"""fedatlas.site_client: what a site runs on its own data (mapping, bundles, its Flower node)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedatlas.shared.flower import BUNDLE_RECORD, COMPOSITE_RECORD
+from fedatlas.shared.runtime.flower import BUNDLE_RECORD, COMPOSITE_RECORD
 
 
 @dataclass
@@ -24,13 +24,13 @@ class SiteData:
 
     site_id: str
     adata: Any  # anndata.AnnData
-    cells: Any  # fedatlas.shared.dataset.CellTable
+    cells: Any  # fedatlas.shared.data.dataset.CellTable
 
 
 def load_site_data(node: Any) -> SiteData:
     """Read the site's ``.h5ad`` named by its node configuration (never sent anywhere)."""
-    from fedatlas.shared.dataset import extract_cells
-    from fedatlas.shared.h5ad import read_h5ad
+    from fedatlas.shared.data.dataset import extract_cells
+    from fedatlas.shared.data.h5ad import read_h5ad
 
     adata = read_h5ad(Path(str(node["data"])))
     labels = [str(node["label-key"])] if str(node.get("label-key", "")) else []
@@ -43,9 +43,9 @@ def load_site_data(node: Any) -> SiteData:
 def verified_composite(received: Any, node: Any) -> Any:
     """The composite of a campaign message, after checking its signature against the
     coordinator key this site trusts (pinned, or ``coordinator-key`` in its configuration)."""
-    from fedatlas.shared.composite import CompositeStatement
-    from fedatlas.shared.release import Release
-    from fedatlas.shared.signing import load_public_key
+    from fedatlas.shared.model.release import Release
+    from fedatlas.shared.wire.composite import CompositeStatement
+    from fedatlas.shared.wire.signing import load_public_key
     from fedatlas.site_client.trust import trusted_key
 
     release = Release.from_bytes(
@@ -68,10 +68,10 @@ def bundle_reply(message: Any, node: Any, site: SiteData, result: Any) -> Any:
     own copy of its cells when its configuration names an output file."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from fedatlas.shared.annotations import annotate
-    from fedatlas.shared.bundle import make_bundle
-    from fedatlas.shared.h5ad import write_h5ad
-    from fedatlas.shared.signing import load_signing_key
+    from fedatlas.shared.data.h5ad import write_h5ad
+    from fedatlas.shared.model.annotations import annotate
+    from fedatlas.shared.wire.bundle import make_bundle
+    from fedatlas.shared.wire.signing import load_signing_key
 
     if result.adaptor is None:
         raise ValueError(f"site {site.site_id}: every batch is already in the composite")
@@ -85,7 +85,7 @@ def bundle_reply(message: Any, node: Any, site: SiteData, result: Any) -> Any:
 
 def train(message: Any, context: Any) -> Any:
     """Handle a campaign message: map the site's cells, reply with its signed bundle."""
-    from fedatlas.shared.mapping import map_cells
+    from fedatlas.shared.model.mapping import map_cells
 
     node = site_settings(context)
     release = verified_composite(message.content[COMPOSITE_RECORD], node)
@@ -100,7 +100,7 @@ def train(message: Any, context: Any) -> Any:
 def site_settings(context: Any) -> Mapping[str, Any]:
     """This node's site configuration: its SuperNode's own (a real site), else the entry of its
     partition in the run's simulation federation file (a virtual site)."""
-    from fedatlas.shared.virtual_sites import virtual_site
+    from fedatlas.shared.runtime.virtual_sites import virtual_site
 
     node = context.node_config
     if "site-id" in node:

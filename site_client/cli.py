@@ -13,7 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedatlas.shared.cli import add_data_arguments, add_subcommand, print_result, read_cells
+from fedatlas.shared.runtime.commands import (
+    add_data_arguments,
+    add_subcommand,
+    print_result,
+    read_cells,
+)
 from fedatlas.site_client.report import MAX_QUERY_CELLS, MAX_REFERENCE_CELLS
 
 if TYPE_CHECKING:
@@ -22,8 +27,8 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
 
-    from fedatlas.shared.mapping import MappingResult
-    from fedatlas.shared.release import Release
+    from fedatlas.shared.model.mapping import MappingResult
+    from fedatlas.shared.model.release import Release
     from fedatlas.site_client.client import CoordinatorClient
     from fedatlas.v1.coordinator_pb2 import SubmissionStatus
 
@@ -263,9 +268,9 @@ def _add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------- map
 def _map(args: argparse.Namespace) -> int:
-    from fedatlas.shared.dataset import condition_name
+    from fedatlas.shared.data.dataset import condition_name
     from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.release import Release
+    from fedatlas.shared.model.release import Release
 
     release = Release.load(args.reference)
 
@@ -303,10 +308,10 @@ def _map_and_write(
     """Map the dataset of ``args`` onto ``release`` and write the annotated copy to --out, in
     memory or in chunks (--chunk-size); ``check_batches`` sees the cells' batches before any
     mapping work. Returns the result and the cells per chunk (0: the file was loaded whole)."""
-    from fedatlas.shared.annotations import annotate
-    from fedatlas.shared.h5ad import write_h5ad
-    from fedatlas.shared.mapping import map_cells
-    from fedatlas.shared.streaming import chunk_cells_for, map_h5ad, read_annotations
+    from fedatlas.shared.data.h5ad import write_h5ad
+    from fedatlas.shared.model.annotations import annotate
+    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.model.streaming import chunk_cells_for, map_h5ad, read_annotations
 
     chunk_cells = chunk_cells_for(args.data, args.layer, args.chunk_size)
     if chunk_cells:
@@ -383,9 +388,9 @@ def _mapping_report(
 
 # ------------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
+    from fedatlas.shared.data.h5ad import read_h5ad
     from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.h5ad import read_h5ad
-    from fedatlas.shared.release import Release
+    from fedatlas.shared.model.release import Release
     from fedatlas.site_client.report import INDEX_HTML, check_mapped, write_report
 
     if args.max_reference_cells < 0 or args.max_cells < 1:
@@ -426,7 +431,7 @@ def _report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------- keys and network
 def _keygen(args: argparse.Namespace) -> int:
-    from fedatlas.shared.signing import (
+    from fedatlas.shared.wire.signing import (
         fingerprint,
         load_public_key,
         write_keypair,
@@ -469,7 +474,7 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
 
 def _pull_verified(args: argparse.Namespace, out: Path) -> tuple[Release, int]:
     """Pull the composite, check hash and signature against the trusted key, write ``out``."""
-    from fedatlas.shared.signing import load_public_key
+    from fedatlas.shared.wire.signing import load_public_key
     from fedatlas.site_client.trust import default_known_file, trusted_key
 
     with _client(args) as client:
@@ -512,9 +517,9 @@ def _prepare_bundle(
     args: argparse.Namespace, release: Release, bundle_out: Path
 ) -> tuple[bytes, dict[str, Any], list[str]]:
     """Map, sign the adaptor and write the bundle file: its bytes and a report."""
-    from fedatlas.shared.bundle import make_bundle
     from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.signing import load_signing_key
+    from fedatlas.shared.wire.bundle import make_bundle
+    from fedatlas.shared.wire.signing import load_signing_key
 
     key = load_signing_key(args.key)
     result, chunk_cells = _map_and_write(args, release)
@@ -537,7 +542,7 @@ def _prepare_bundle(
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fedatlas.shared.release import Release
+    from fedatlas.shared.model.release import Release
 
     _, payload, lines = _prepare_bundle(args, Release.load(args.reference), args.bundle_out)
     print_result(payload, args.json, lines)
@@ -604,8 +609,8 @@ def _node(args: argparse.Namespace) -> int:
     import json
     import subprocess
 
-    from fedatlas.shared.flower import flower_bin, flower_env, supervise
-    from fedatlas.shared.signing import NODE_KEY_STEM, load_signing_key
+    from fedatlas.shared.runtime.flower import flower_bin, flower_env, supervise
+    from fedatlas.shared.wire.signing import NODE_KEY_STEM, load_signing_key
     from fedatlas.site_client.trust import default_known_file
 
     load_signing_key(args.key)  # refuse a missing or unsafe key before anything starts

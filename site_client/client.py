@@ -17,11 +17,11 @@ from typing import TypeVar
 
 import grpc
 
-from fedatlas.shared.bundle import BundleError, tensor_from_bytes
-from fedatlas.shared.composite import CompositeStatement
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.release import Release
-from fedatlas.shared.transport import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.wire.bundle import BundleError, tensor_from_bytes
+from fedatlas.shared.wire.composite import CompositeStatement
+from fedatlas.shared.wire.transport import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from fedatlas.v1 import coordinator_pb2 as pb
 from fedatlas.v1 import coordinator_pb2_grpc as pb_grpc
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedatlas.shared.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
+from fedatlas.shared.runtime.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
 
 ROWS_STATE = "fedatlas.rows"  # this site's condition rows, kept between rounds
 
 
 def _trainer(message: Any, context: Any) -> Any:
-    from fedatlas.shared.federated import FederatedPlan, SiteTrainer
+    from fedatlas.shared.model.federated import FederatedPlan, SiteTrainer
     from fedatlas.site_client.campaign import load_site_data, site_settings
 
     plan = FederatedPlan.from_json(str(message.content[FEDERATED_RECORD]["plan"]))

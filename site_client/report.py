@@ -36,8 +36,8 @@ from numpy.typing import NDArray
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from fedatlas.shared.prototypes import PrototypeSet
-    from fedatlas.shared.release import Release
+    from fedatlas.shared.model.prototypes import PrototypeSet
+    from fedatlas.shared.model.release import Release
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ class ReportSummary:
 
 def check_mapped(adata: AnnData, source: str) -> None:
     """Raise InputDataError unless ``adata`` holds a ``fedatlas site map`` result."""
-    from fedatlas.shared.annotations import (
+    from fedatlas.shared.errors import InputDataError
+    from fedatlas.shared.model.annotations import (
         LABEL_KEY,
         LATENT_KEY,
         PROVENANCE_KEY,
         UNCERTAINTY_KEY,
         UNKNOWN_KEY,
     )
-    from fedatlas.shared.errors import InputDataError
 
     missing = [f"obsm[{LATENT_KEY!r}]"] if LATENT_KEY not in adata.obsm else []
     missing += [
@@ -118,15 +118,15 @@ def write_report(
     reference cells, prototypes and condition embeddings; ``label_key`` names an obs column of
     true labels. Raises InputDataError / ReleaseError on unusable input.
     """
-    from fedatlas.shared import plotting
-    from fedatlas.shared.annotations import (
+    from fedatlas.shared.evaluation import plotting
+    from fedatlas.shared.model.annotations import (
         LABEL_KEY,
         LATENT_KEY,
         PROVENANCE_KEY,
         UNCERTAINTY_KEY,
         UNKNOWN_KEY,
     )
-    from fedatlas.shared.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
+    from fedatlas.shared.model.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
 
     check_mapped(adata, source)
     info = _plain(dict(adata.uns[PROVENANCE_KEY]))
@@ -302,7 +302,7 @@ def _check_release(release: Release, info: dict[str, Any], dim: int, source: str
 
 def _level_prototypes(release: Release, level: str) -> PrototypeSet | None:
     """The release's prototypes of the label level the mapping reported first."""
-    from fedatlas.shared.release import CLUSTER_LEVEL
+    from fedatlas.shared.model.release import CLUSTER_LEVEL
 
     if level in release.label_levels:
         return release.prototypes(level)
@@ -327,7 +327,7 @@ def _condition_pca(
 ) -> Path | None:
     """PCA of the release's condition embeddings and the site's own rows (from the map output);
     None with a note when there is nothing to draw."""
-    from fedatlas.shared.plotting import plot_condition_pca
+    from fedatlas.shared.evaluation.plotting import plot_condition_pca
 
     if release is None:
         return None  # the note on the missing reference says it
@@ -386,8 +386,8 @@ def _truth_scores(
     (unknown counts as an error); for the others the right call is unknown.
     """
     from fedatlas.shared.errors import InputDataError
-    from fedatlas.shared.label_transfer import UNKNOWN
-    from fedatlas.shared.metrics import unknown_auroc
+    from fedatlas.shared.evaluation.metrics import unknown_auroc
+    from fedatlas.shared.model.label_transfer import UNKNOWN
 
     if label_key not in adata.obs:
         raise InputDataError(

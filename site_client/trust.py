@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.signing import fingerprint
+from fedatlas.shared.wire.signing import fingerprint
 
 log = logging.getLogger(__name__)
 

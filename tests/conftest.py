@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from anndata import AnnData
 
-from fedatlas.shared.cellbench import default_cellbench_dir, find_cellbench_dir
-from fedatlas.shared.dataset import CellTable, extract_cells
-from fedatlas.shared.reference import BuildResult, build_reference
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.benchmarks.cellbench import default_cellbench_dir, find_cellbench_dir
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import CellTable, extract_cells
+from fedatlas.shared.model.reference import BuildResult, build_reference
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,12 @@ import torch
 from anndata import AnnData
 from conftest import cells_of
 
-from fedatlas.shared.adaptor import Adaptor, compose
+from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.errors import AdaptorError
-from fedatlas.shared.mapping import MappingResult, map_cells
-from fedatlas.shared.reference import BuildResult
-from fedatlas.shared.release import Release
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.model.adaptor import Adaptor, compose
+from fedatlas.shared.model.mapping import MappingResult, map_cells
+from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.release import Release
 
 SITES = ("s1", "s2", "s3")
 

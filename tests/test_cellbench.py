@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from fedatlas.shared import cellbench
-from fedatlas.shared.cellbench import (
+from fedatlas.benchmarks import cellbench
+from fedatlas.benchmarks.cellbench import (
     QUERY_STEMS,
     REFERENCE_STEMS,
     STEMS,

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from fedatlas.shared.cellbench import load_scenario
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.evaluation import MappedQuery, evaluate
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import build_reference
+from fedatlas.benchmarks.cellbench import load_scenario
+from fedatlas.benchmarks.scoring import MappedQuery, evaluate
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import build_reference
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 

@@ -12,12 +12,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from fedatlas.shared.adaptor import Adaptor
-from fedatlas.shared.cli import main
-from fedatlas.shared.release import Release
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
+from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.release import Release
 
-FEDATLAS = [sys.executable, "-m", "fedatlas.shared.cli"]
+FEDATLAS = [sys.executable, "-m", "fedatlas"]
 
 
 @pytest.fixture(scope="module")

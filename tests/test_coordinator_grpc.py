@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 from processes import Coordinator, fedatlas, fedatlas_json
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
 from fedatlas.coordinator.store import SQLiteStore
-from fedatlas.shared.adaptor import Adaptor
-from fedatlas.shared.bundle import make_bundle
-from fedatlas.shared.cli import main
-from fedatlas.shared.composite import CompositeStatement
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
-from fedatlas.shared.signing import load_signing_key
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.wire.bundle import make_bundle
+from fedatlas.shared.wire.composite import CompositeStatement
+from fedatlas.shared.wire.signing import load_signing_key
 from fedatlas.site_client.cli import EXIT_REJECTED
 from fedatlas.site_client.client import CoordinatorClient, CoordinatorError
 
@@ -173,8 +173,8 @@ def test_bundle_size_does_not_grow_with_cells(
 
 
 def _adaptor_parts(bundle: Path) -> tuple[dict[str, object], dict[str, object], str]:
-    from fedatlas.shared.bundle import parse_bundle
     from fedatlas.shared.hashing import content_hash
+    from fedatlas.shared.wire.bundle import parse_bundle
 
     adaptor = parse_bundle(bundle.read_bytes()).adaptor()
     return adaptor.content, adaptor.tensors, content_hash(adaptor.content)  # type: ignore[return-value]

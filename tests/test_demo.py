@@ -14,7 +14,7 @@ import pytest
 from processes import FEDATLAS
 
 from fedatlas.coordinator.store import SQLiteStore
-from fedatlas.shared.h5ad import read_h5ad
+from fedatlas.shared.data.h5ad import read_h5ad
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 from processes import free_port, start_fedatlas, wait_for_text
 
+from fedatlas.cli import build_parser, main
 from fedatlas.coordinator.store import SQLiteStore
-from fedatlas.shared.cli import build_parser, main
-from fedatlas.shared.signing import fingerprint, load_node_public_key, load_public_key
+from fedatlas.shared.wire.signing import fingerprint, load_node_public_key, load_public_key
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNITS = DEPLOY / "systemd"

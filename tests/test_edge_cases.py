@@ -10,13 +10,13 @@ import scipy.sparse as sp
 from anndata import AnnData
 from conftest import cells_of
 
-from fedatlas.shared.dataset import extract_cells
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.errors import InputDataError
-from fedatlas.shared.h5ad import read_h5ad
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import BuildResult, build_reference
-from fedatlas.shared.surgery import moved_tensors
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import BuildResult, build_reference
+from fedatlas.shared.model.surgery import moved_tensors
 
 
 @pytest.mark.parametrize("preset", ["scpoli", "scalex"])

@@ -12,13 +12,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.coordinator.federated_build import BuildAbortedError, _Steps
 from fedatlas.coordinator.verification import Rejection, _check_norms
-from fedatlas.shared.adaptor import compose
 from fedatlas.shared.config import PreprocessingRecipe
-from fedatlas.shared.dataset import CellTable, extract_cells
+from fedatlas.shared.data.dataset import CellTable, extract_cells
+from fedatlas.shared.data.preprocessing import select_highly_variable_genes
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.federated import (
+from fedatlas.shared.model.adaptor import compose
+from fedatlas.shared.model.federated import (
     FederatedPlan,
     SiteTrainer,
     average_trunks,
@@ -28,11 +30,9 @@ from fedatlas.shared.federated import (
     train_federated,
     trunk_problem,
 )
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.nn.vae import TABLE_SUFFIX
-from fedatlas.shared.preprocessing import select_highly_variable_genes
-from fedatlas.shared.release import LATENT_TENSOR
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.nn.vae import TABLE_SUFFIX
+from fedatlas.shared.model.release import LATENT_TENSOR
 
 TYPES = ("alpha", "beta", "gamma", "delta")
 

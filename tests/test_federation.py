@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from processes import Coordinator, fedatlas_json
 
-from fedatlas.shared.cellbench import load_scenario
-from fedatlas.shared.cli import main
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.evaluation import MappedQuery, evaluate
-from fedatlas.shared.label_transfer import UNKNOWN
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
+from fedatlas.benchmarks.cellbench import load_scenario
+from fedatlas.benchmarks.scoring import MappedQuery, evaluate
+from fedatlas.cli import main
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.label_transfer import UNKNOWN
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 

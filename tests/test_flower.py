@@ -12,15 +12,15 @@ import anndata as ad
 import pytest
 from processes import fedatlas, fedatlas_json, free_port, start_fedatlas, wait_for_text
 
+from fedatlas.benchmarks.cellbench import load_scenario
+from fedatlas.benchmarks.scoring import MappedQuery, evaluate
+from fedatlas.cli import main
 from fedatlas.coordinator.store import SQLiteStore
-from fedatlas.shared.cellbench import load_scenario
-from fedatlas.shared.cli import main
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.evaluation import MappedQuery, evaluate
-from fedatlas.shared.flower import stop
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.runtime.flower import stop
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, object
 
 
 def _plate(cellbench_dir: Path) -> ad.AnnData:
-    from fedatlas.shared.cellbench import load_stem
+    from fedatlas.benchmarks.cellbench import load_stem
 
     return load_stem(cellbench_dir, "sc_celseq2_5cl_p1")
 

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from processes import fedatlas_json
 
+from fedatlas.benchmarks.cellbench import REFERENCE_STEMS, load_scenario
+from fedatlas.benchmarks.scoring import ReferenceCells, map_and_evaluate
+from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.deploy.launcher import LocalLauncher
-from fedatlas.shared.cellbench import REFERENCE_STEMS, load_scenario
-from fedatlas.shared.cli import main
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.evaluation import ReferenceCells, map_and_evaluate
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import LATENT_TENSOR
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import LATENT_TENSOR
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from processes import FEDATLAS, fedatlas, fedatlas_json
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
-from fedatlas.shared.cli import main
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.process_tree import adopting_orphans, descendants
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.runtime.process_tree import adopting_orphans, descendants
 
 pytestmark = pytest.mark.slow
 

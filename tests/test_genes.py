@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from fedatlas.shared.data.genes import align_genes
 from fedatlas.shared.errors import InputDataError
-from fedatlas.shared.genes import align_genes
 
 
 def test_reorders_and_zero_fills() -> None:

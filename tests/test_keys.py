@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedatlas.cli import main
 from fedatlas.coordinator.store import SQLiteStore
-from fedatlas.shared.cli import main
-from fedatlas.shared.signing import (
+from fedatlas.shared.wire.signing import (
     KeyFileError,
     load_node_public_key,
     load_public_key,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.label_transfer import (
+from fedatlas.shared.model.label_transfer import (
     UNKNOWN,
     calibrate_knn_threshold,
     knn_transfer,
     prototype_transfer,
 )
-from fedatlas.shared.prototypes import PrototypeSet, merge_prototype_sets
+from fedatlas.shared.model.prototypes import PrototypeSet, merge_prototype_sets
 
 
 def _clusters(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import special, stats
 
-from fedatlas.shared.nn import likelihoods as lk
+from fedatlas.shared.model.nn import likelihoods as lk
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests of fedatlas.shared.metrics on small constructed data with known answers."""
+"""Tests of fedatlas.shared.evaluation.metrics on small constructed data with known answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedatlas.shared.errors import ConfigError, FedatlasError
-from fedatlas.shared.metrics import (
+from fedatlas.shared.evaluation.metrics import (
     integration_scores,
     knn_purity,
     label_transfer_scores,

@@ -11,9 +11,9 @@ import torch
 
 from fedatlas.shared.config import ModelConfig, PreprocessingRecipe, TrainConfig, get_preset
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.nn.layers import SparseLinear, SparseRows
-from fedatlas.shared.nn.vae import CondVAE
-from fedatlas.shared.training import (
+from fedatlas.shared.model.nn.layers import SparseLinear, SparseRows
+from fedatlas.shared.model.nn.vae import CondVAE
+from fedatlas.shared.model.training import (
     TrainingData,
     cache_frozen,
     compute_loss,
@@ -237,7 +237,7 @@ def test_invalid_settings_are_refused() -> None:
 
 
 def test_mmd_matches_the_multi_scale_kernel_definition() -> None:
-    from fedatlas.shared.nn.mmd import KERNEL_BANDWIDTHS, mmd_across_conditions, rbf_mmd
+    from fedatlas.shared.model.nn.mmd import KERNEL_BANDWIDTHS, mmd_across_conditions, rbf_mmd
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(0, 1, (7, 4)), rng.normal(0.8, 1, (5, 4))

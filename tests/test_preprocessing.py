@@ -9,14 +9,14 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from fedatlas.shared.config import PreprocessingRecipe
-from fedatlas.shared.errors import InputDataError
-from fedatlas.shared.preprocessing import (
+from fedatlas.shared.data.preprocessing import (
     as_count_matrix,
     log_normalize,
     maxabs_scales,
     model_input,
     select_highly_variable_genes,
 )
+from fedatlas.shared.errors import InputDataError
 
 
 def test_counts_are_accepted_dense_sparse_and_as_integral_floats() -> None:

@@ -13,17 +13,17 @@ from anndata import AnnData
 from conftest import cells_of
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.coordinator.registry import Registry, RegistryError, init_store
 from fedatlas.coordinator.store import BundleRecord
 from fedatlas.coordinator.verification import REASONS, Policy
-from fedatlas.shared.adaptor import Adaptor
-from fedatlas.shared.bundle import make_bundle, parse_bundle
 from fedatlas.shared.hashing import content_hash, tensor_index
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import BuildResult
-from fedatlas.shared.release import MODEL_PREFIX, Release
-from fedatlas.shared.signing import load_signing_key, write_keypair
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.release import MODEL_PREFIX, Release
+from fedatlas.shared.wire.bundle import make_bundle, parse_bundle
+from fedatlas.shared.wire.signing import load_signing_key, write_keypair
 from fedatlas.v1 import coordinator_pb2 as pb
 
 EMBEDDING = MODEL_PREFIX + "embedding.table"
@@ -86,7 +86,7 @@ def sites(tmp_path: Path, registry: Registry) -> dict[str, Site]:
 
 
 def _raw_public(path: Path) -> bytes:
-    from fedatlas.shared.signing import load_public_key
+    from fedatlas.shared.wire.signing import load_public_key
 
     return load_public_key(path)
 

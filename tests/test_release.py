@@ -13,8 +13,8 @@ import torch
 from anndata import AnnData
 
 from fedatlas.shared.errors import ConfigError, ReleaseError
-from fedatlas.shared.reference import BuildResult
-from fedatlas.shared.release import MANIFEST_FILE, WEIGHTS_FILE, Release
+from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.release import MANIFEST_FILE, WEIGHTS_FILE, Release
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_same_seed_same_release(
 ) -> None:
     from conftest import cells_of
 
-    from fedatlas.shared.reference import build_reference
+    from fedatlas.shared.model.reference import build_reference
 
     again = build_reference(
         cells_of(reference_adata),
@@ -113,7 +113,7 @@ def test_release_records_the_presets_transfer_method(
 ) -> None:
     from conftest import cells_of
 
-    from fedatlas.shared.reference import build_reference
+    from fedatlas.shared.model.reference import build_reference
 
     methods = {p: b.release.content["transfer"]["method"] for p, b in tiny_builds.items()}
     assert methods == {"scpoli": "prototype", "scarches": "knn", "scalex": "knn"}
@@ -144,9 +144,9 @@ def test_release_calibrates_the_knn_unknown_threshold(
 ) -> None:
     from conftest import cells_of
 
-    from fedatlas.shared.label_transfer import calibrate_knn_threshold
-    from fedatlas.shared.mapping import map_cells
-    from fedatlas.shared.reference import build_reference
+    from fedatlas.shared.model.label_transfer import calibrate_knn_threshold
+    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.model.reference import build_reference
 
     built = tiny_builds["scarches"]
     transfer = built.release.content["transfer"]
@@ -195,10 +195,10 @@ def test_knn_thresholds_are_calibrated_per_label_level(
     a site's seen cells keep their fine labels instead of nearly all being called unknown."""
     from conftest import cells_of
 
-    from fedatlas.shared.dataset import extract_cells
-    from fedatlas.shared.label_transfer import calibrate_knn_threshold
-    from fedatlas.shared.mapping import map_cells
-    from fedatlas.shared.reference import build_reference
+    from fedatlas.shared.data.dataset import extract_cells
+    from fedatlas.shared.model.label_transfer import calibrate_knn_threshold
+    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.model.reference import build_reference
 
     adata = reference_adata.copy()
     halves = np.random.default_rng(0).choice(["1", "2"], adata.n_obs)

@@ -14,12 +14,12 @@ from conftest import cells_of
 from PIL import Image
 from processes import fedatlas
 
-from fedatlas.shared.annotations import annotate
-from fedatlas.shared.cli import main
-from fedatlas.shared.h5ad import write_h5ad
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.release import Release
+from fedatlas.cli import main
+from fedatlas.shared.data.h5ad import write_h5ad
+from fedatlas.shared.model.annotations import annotate
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.release import Release
 from fedatlas.site_client.report import write_report
 
 PNGS = ("umap_labels", "umap_uncertainty", "uncertainty_histogram", "condition_pca")

@@ -14,12 +14,12 @@ import pytest
 from cryptography import x509
 from processes import Coordinator, start_fedatlas
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
-from fedatlas.shared.cli import main
-from fedatlas.shared.dataset import extract_cells
-from fedatlas.shared.reference import build_reference
-from fedatlas.shared.signing import write_keypair
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.wire.signing import write_keypair
 
 SITES = ("h1", "h2")
 MAX_BACKUPS = 8  # taken while the second bundle is being sent

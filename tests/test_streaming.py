@@ -16,15 +16,15 @@ import scipy.sparse as sp
 from anndata import AnnData
 from conftest import cells_of
 
-import fedatlas.shared.streaming as streaming
-from fedatlas.shared.cli import main
+import fedatlas.shared.model.streaming as streaming
+from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
+from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.errors import InputDataError
-from fedatlas.shared.h5ad import read_h5ad
-from fedatlas.shared.mapping import MappingResult, map_cells
-from fedatlas.shared.reference import BuildResult
-from fedatlas.shared.release import Release
-from fedatlas.shared.streaming import map_h5ad, training_rows
-from fedatlas.shared.synthetic import SyntheticWorld
+from fedatlas.shared.model.mapping import MappingResult, map_cells
+from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.model.streaming import map_h5ad, training_rows
 
 # Streamed chunks go through the encoder in other groupings than one in-memory pass, so float32
 # results may differ in the last bits (observed: <= 6e-7 in latents, <= 2e-6 in uncertainties).

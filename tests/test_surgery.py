@@ -8,9 +8,9 @@ import torch
 from anndata import AnnData
 from conftest import cells_of
 
-from fedatlas.shared.mapping import map_cells
-from fedatlas.shared.reference import BuildResult
-from fedatlas.shared.surgery import assert_frozen, moved_tensors, operate
+from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.surgery import assert_frozen, moved_tensors, operate
 
 PRESETS = ("scpoli", "scarches", "scalex")
 

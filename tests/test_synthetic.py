@@ -15,8 +15,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
-from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.synthetic import (
+from fedatlas.benchmarks.synthetic import (
     DEMO_CELL_TYPES,
     DEMO_REFERENCE_BATCHES,
     DEMO_SITES,
@@ -25,6 +24,7 @@ from fedatlas.shared.synthetic import (
     make_counts,
     make_demo_scenario,
 )
+from fedatlas.shared.errors import ConfigError
 
 
 def _log_norm(X: sp.csr_matrix) -> np.ndarray:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.virtual_sites import read_sites_file, virtual_site, write_federation
+from fedatlas.shared.runtime.virtual_sites import read_sites_file, virtual_site, write_federation
 from fedatlas.site_client.campaign import site_settings
 
 

@@ -1,0 +1,1 @@
+"""Benchmark and demo data (CellBench, generated worlds) and the scoring the benchmarks share."""

@@ -1,0 +1,1 @@
+"""Scores and figures of a mapping (integration, label transfer, unknown detection)."""

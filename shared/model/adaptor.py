@@ -1,0 +1,242 @@
+"""Adaptors: a site's condition rows and prototypes, and composing them onto a release.
+
+An adaptor holds, for the site's own (new) conditions only, the rows of every condition table of
+the network, plus prototypes of the site's labelled cell types (aggregates over >= k cells). It
+has no per-cell field, so its size does not depend on how many cells the site has.
+
+Composition appends each adaptor's rows to the release's condition tables and merges prototype
+catalogues. Rows are appended in condition-name order and prototypes merge in an order fixed by
+content hashes, so the composite (and its content hash) is the same for any order of adaptors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from fedatlas.shared.errors import AdaptorError
+from fedatlas.shared.hashing import canonical_json, tensor_digest, tensor_index
+from fedatlas.shared.model.artifact import Artifact
+from fedatlas.shared.model.nn.vae import TABLE_SUFFIX, CondVAE
+from fedatlas.shared.model.prototypes import PrototypeSet, merge_prototype_sets
+from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
+
+ADAPTOR_FORMAT = "fedatlas-adaptor/1"
+METADATA_KEY = "fedatlas_adaptor"
+
+
+@dataclass
+class Adaptor(Artifact):
+    """A site's adaptor."""
+
+    @property
+    def site_id(self) -> str:
+        """Site that trained it."""
+        return str(self.content["site_id"])
+
+    @property
+    def condition_names(self) -> list[str]:
+        """Its conditions, in row order."""
+        return [c["name"] for c in self.content["conditions"]]
+
+    def prototypes(self, level_index: int) -> PrototypeSet:
+        """The site's prototypes of the release's label level ``level_index``."""
+        level = self.content["label_levels"][level_index]
+        return PrototypeSet.from_tensors(
+            self.tensors, prototype_prefix(level_index), self.content["prototypes"][level]
+        )
+
+    def table_rows(self) -> dict[str, Tensor]:
+        """Condition-table rows by table tensor name (without the ``model.`` prefix)."""
+        n = len(MODEL_PREFIX)
+        return {k[n:]: v for k, v in self.tensors.items() if k.startswith(MODEL_PREFIX)}
+
+    def to_bytes(self) -> bytes:
+        """Serialised form: a safetensors file whose metadata carries the JSON content."""
+        header = {
+            "content": self.content,
+            "content_hash": self.content_hash,
+            "provenance": self.provenance,
+        }
+        return safetensors.torch.save(
+            self.tensors, metadata={METADATA_KEY: canonical_json(header).decode("utf-8")}
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adaptor file atomically."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(target)
+        return target
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "adaptor") -> Adaptor:
+        """Parse and verify serialised adaptor bytes (no pickle involved)."""
+        try:
+            tensors = safetensors.torch.load(data)
+            header = json.loads(_safetensors_metadata(data)[METADATA_KEY])
+            content, claimed = header["content"], header["content_hash"]
+        except Exception as exc:
+            raise AdaptorError(f"{source}: not a fedatlas adaptor file ({exc})") from None
+        return cls.verified(
+            content, tensors, claimed, provenance=header.get("provenance", {}), source=source
+        )
+
+    @classmethod
+    def verified(
+        cls,
+        content: dict[str, Any],
+        tensors: dict[str, Tensor],
+        claimed_hash: str,
+        *,
+        provenance: dict[str, Any] | None = None,
+        source: str = "adaptor",
+    ) -> Adaptor:
+        """An adaptor from its parts, after checking its format, that its tensors are exactly
+        those its content lists (by SHA-256) and that the content has ``claimed_hash``."""
+        if not isinstance(content, dict) or content.get("format") != ADAPTOR_FORMAT:
+            found = content.get("format") if isinstance(content, dict) else type(content).__name__
+            raise AdaptorError(f"{source}: format {found!r}, expected {ADAPTOR_FORMAT!r}")
+        adaptor = cls(content, tensors, provenance or {})
+        index = content.get("tensors", {})
+        if set(index) != set(tensors):
+            raise AdaptorError(f"{source}: tensors do not match the adaptor's index")
+        for name, entry in index.items():
+            if tensor_digest(tensors[name]) != entry.get("sha256"):
+                raise AdaptorError(f"{source}: tensor {name!r} does not match its recorded hash")
+        if adaptor.content_hash != claimed_hash:
+            raise AdaptorError(f"{source}: content hash mismatch; the adaptor was modified")
+        return adaptor
+
+    @classmethod
+    def load(cls, path: str | Path) -> Adaptor:
+        """Read and verify an adaptor file."""
+        p = Path(path)
+        if not p.is_file():
+            raise AdaptorError(f"{p}: no such adaptor file")
+        return cls.from_bytes(p.read_bytes(), source=str(p))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` map of a safetensors blob (8-byte little-endian header length, then
+    a JSON header)."""
+    header_len = int.from_bytes(data[:8], "little")
+    if not 0 < header_len <= len(data) - 8:
+        raise ValueError("bad safetensors header length")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def extract_adaptor(
+    release: Release,
+    model: CondVAE,
+    *,
+    site_id: str,
+    conditions: Sequence[tuple[str, int]],
+    prototypes: Sequence[PrototypeSet],
+    training: dict[str, Any],
+    created_at: str,
+) -> Adaptor:
+    """Cut a site's adaptor out of a mapped ``model``.
+
+    ``conditions`` lists (name, n_cells) of the site's new conditions, in the model's row order
+    after the release's known conditions; ``prototypes`` has one set per release label level.
+    """
+    n_known = len(release.condition_names)
+    n_new = len(conditions)
+    tensors: dict[str, Tensor] = {}
+    for name, table in model.condition_tables().items():
+        full = table.table().detach()
+        if full.shape[0] != n_known + n_new:
+            raise AdaptorError(f"table {name}: {full.shape[0]} rows, expected {n_known + n_new}")
+        tensors[MODEL_PREFIX + name + TABLE_SUFFIX] = full[n_known:].clone().contiguous()
+    levels = release.label_levels
+    for i, pset in enumerate(prototypes):
+        tensors.update(pset.to_tensors(prototype_prefix(i)))
+    content = {
+        "format": ADAPTOR_FORMAT,
+        "site_id": site_id,
+        "release_id": release.content_hash,
+        "trunk_id": release.trunk_id,
+        "conditions": [{"name": n, "n_cells": int(c)} for n, c in conditions],
+        "label_levels": levels,
+        "prototypes": {levels[i]: p.describe() for i, p in enumerate(prototypes)},
+        "training": training,
+        "tensors": tensor_index(tensors),
+    }
+    return Adaptor(content, tensors, {"created_at": created_at})
+
+
+def compose(release: Release, adaptors: Sequence[Adaptor]) -> Release:
+    """The composite of ``release`` and ``adaptors`` (order-independent).
+
+    Raises AdaptorError when an adaptor was trained on another trunk, has tables that do not
+    fit, or claims a condition the release or another adaptor already has.
+    """
+    owner: dict[str, str] = dict.fromkeys(release.condition_names, "the release")
+    base_tables = {k: v for k, v in release.model_tensors().items() if k.endswith(TABLE_SUFFIX)}
+    rows: dict[str, tuple[Adaptor, int]] = {}
+    for adaptor in adaptors:
+        label = f"adaptor {adaptor.content_hash[:19]} (site {adaptor.site_id})"
+        if adaptor.content["trunk_id"] != release.trunk_id:
+            raise AdaptorError(f"{label} was trained against another reference network")
+        if adaptor.content["label_levels"] != release.label_levels:
+            raise AdaptorError(f"{label}: label levels differ from the release's")
+        tables = adaptor.table_rows()
+        if set(tables) != set(base_tables):
+            raise AdaptorError(
+                f"{label}: condition tables {sorted(tables)} do not match the "
+                f"release's {sorted(base_tables)}"
+            )
+        for name, part in tables.items():
+            expected = (len(adaptor.condition_names), *base_tables[name].shape[1:])
+            if tuple(part.shape) != expected or part.dtype != base_tables[name].dtype:
+                raise AdaptorError(
+                    f"{label}: table {name} has shape {tuple(part.shape)}, expected {expected}"
+                )
+        for i, name in enumerate(adaptor.condition_names):
+            if name in owner:
+                raise AdaptorError(f"{label}: condition {name!r} already belongs to {owner[name]}")
+            owner[name] = label
+            rows[name] = (adaptor, i)
+    new_names = sorted(rows)
+    tensors = dict(release.tensors)
+    for name, base in base_tables.items():
+        parts = [base] + [
+            rows[c][0].table_rows()[name][rows[c][1] : rows[c][1] + 1] for c in new_names
+        ]
+        tensors[MODEL_PREFIX + name] = torch.cat(parts, dim=0).contiguous()
+    content = json.loads(canonical_json(release.content))
+    content["kind"] = "composite"
+    by_name = {c["name"]: c for a in adaptors for c in a.content["conditions"]}
+    content["conditions"] = [
+        *content["conditions"],
+        *(
+            {"name": n, "origin": rows[n][0].site_id, "n_cells": by_name[n]["n_cells"]}
+            for n in new_names
+        ),
+    ]
+    for i, level in enumerate(release.label_levels):
+        merged = merge_prototype_sets(
+            [release.prototypes(level)] + [a.prototypes(i) for a in adaptors]
+        )
+        for key in list(tensors):
+            if key.startswith(prototype_prefix(i) + "."):
+                del tensors[key]
+        tensors.update(merged.to_tensors(prototype_prefix(i)))
+        content["prototypes"][level] = merged.describe()
+    content["lineage"] = {
+        "base": release.content_hash,
+        "adaptors": sorted(a.content_hash for a in adaptors),
+    }
+    del content["tensors"]
+    return Release.assemble(content, tensors, {"composed_from": release.content_hash})

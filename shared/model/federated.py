@@ -1,0 +1,461 @@
+"""Federated reference training (FedAvg, optionally FedProx) for sites that may not pool cells.
+
+The network splits along the same line as architecture surgery: the *trunk* (every tensor that
+is not a condition table) is shared and averaged; each site's condition rows (embedding rows,
+one-hot columns, DSBN branches, per-condition dispersions) never leave it. One build goes:
+
+1. gene universe: every site names its genes; the coordinator takes the sorted union;
+2. gene votes: every site sends per-batch normalised dispersions and detection counts over the
+   universe (gene-level aggregates, :class:`~fedatlas.shared.data.preprocessing.GeneVotes`); the
+   coordinator elects the highly variable genes exactly as a central build does;
+3. rounds: the coordinator sends the trunk; each site trains the trunk and its own rows for a
+   few local epochs (FedProx adds ``mu/2 * |trunk - sent trunk|^2``) and returns its trunk and
+   cell count; the coordinator averages the trunks weighted by cells (FedAvg);
+4. release: the final trunk becomes a release with no conditions of its own; each site turns
+   its kept rows into its adaptor (a short surgery fine-tune on the frozen final trunk, plus its
+   prototypes), which the registry verifies and composes like any other adaptor.
+
+This module is the algorithm without transport. The Flower apps
+(:mod:`fedatlas.coordinator.federated_build`, :mod:`fedatlas.site_client.federated_build`) and
+:func:`train_federated` (all sites in one process, for tests and benchmarks) drive it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedatlas.shared.config import (
+    ModelConfig,
+    PreprocessingRecipe,
+    Preset,
+    TrainConfig,
+    get_preset,
+)
+from fedatlas.shared.data.dataset import UNLABELED, CellTable, label_targets
+from fedatlas.shared.data.genes import align_genes
+from fedatlas.shared.data.preprocessing import GeneVotes, combine_gene_votes, gene_votes
+from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.model.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
+from fedatlas.shared.model.mapping import MappingResult, map_cells
+from fedatlas.shared.model.nn.vae import TABLE_SUFFIX, CondVAE
+from fedatlas.shared.model.prototypes import PrototypeSet
+from fedatlas.shared.model.reference import reference_content, release_provenance
+from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix, transfer_levels
+from fedatlas.shared.model.training import PrototypeTargets, TrainingData, fit
+
+log = logging.getLogger(__name__)
+
+Trunk = dict[str, Tensor]
+STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass(frozen=True)
+class FederatedPlan:
+    """What every participant of one federated build agrees on (announced by the coordinator).
+
+    Attributes:
+        preset: model preset (network shape and reference recipe).
+        rounds: FedAvg rounds.
+        local_epochs: epochs each site trains per round.
+        strategy: ``fedavg`` or ``fedprox``.
+        proximal_mu: FedProx's mu (weight of the proximal term); 0 with ``fedavg``.
+        n_top_genes: highly variable genes to elect.
+        label_level: name of the release's label level ("" for none); each site maps its own
+            label column onto it.
+        seed: seed of the initial trunk (sites offset it by round).
+        finish_epochs: epochs of the final surgery fine-tune of each site's rows (None: the
+            preset's mapping recipe).
+    """
+
+    preset: str = "scpoli"
+    rounds: int = 10
+    local_epochs: int = 5
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    n_top_genes: int = 2000
+    label_level: str = "cell_type"
+    seed: int = 0
+    finish_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ConfigError(
+                f"rounds and local epochs must be >= 1, got {self.rounds} and {self.local_epochs}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}"
+            )
+        if self.proximal_mu < 0 or (self.strategy == "fedavg" and self.proximal_mu):
+            raise ConfigError("proximal mu must be >= 0, and is only used with fedprox")
+
+    @property
+    def preset_spec(self) -> Preset:
+        """The preset this plan trains."""
+        return get_preset(self.preset)
+
+    @property
+    def recipe(self) -> PreprocessingRecipe:
+        """The preprocessing every site applies."""
+        transform = self.preset_spec.model_config(self.n_top_genes).input_transform
+        return PreprocessingRecipe(n_top_genes=self.n_top_genes, input_transform=transform)
+
+    @property
+    def training(self) -> TrainConfig:
+        """The preset's reference recipe spread over all rounds (phases keep their shares)."""
+        return self.preset_spec.reference.scaled_to(self.rounds * self.local_epochs)
+
+    def model_config(self, n_genes: int) -> ModelConfig:
+        """The network for ``n_genes`` elected genes."""
+        return self.preset_spec.model_config(n_genes)
+
+    def round_recipe(self, round_index: int) -> TrainConfig:
+        """Local training of round ``round_index`` (0-based): the global recipe's KL warm-up
+        and prototype phase at this point of the schedule; no early stopping, no hold-out."""
+        total = self.training
+        start, epochs = round_index * self.local_epochs, self.local_epochs
+        kl = total.kl_weight
+        if total.kl_anneal_epochs > 0:
+            kl *= min(1.0, (start + epochs) / total.kl_anneal_epochs)
+        pretrain = min(max(total.effective_pretrain_epochs - start, 0), epochs)
+        return dataclasses.replace(
+            total,
+            epochs=epochs,
+            pretrain_epochs=pretrain,
+            kl_weight=kl,
+            kl_anneal_epochs=0,
+            max_iterations=None,
+            early_stopping_patience=None,
+            validation_fraction=0.0,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The plan as it travels to the sites."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederatedPlan:
+        """Inverse of :meth:`to_json`, with a clear error for anything else."""
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"federated plan is not JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError("federated plan must be a JSON object")
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FederatedPlan:
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown federated plan field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def trunk_of(model: CondVAE) -> Trunk:
+    """The shared part of ``model``: every exported tensor except condition tables."""
+    return {k: v for k, v in model.export_tensors().items() if not k.endswith(TABLE_SUFFIX)}
+
+
+def load_trunk(model: CondVAE, trunk: Mapping[str, Tensor]) -> None:
+    """Overwrite ``model``'s trunk in place (condition tables untouched)."""
+    state = model.state_dict()
+    expected = set(trunk_of(model))
+    if set(trunk) != expected:
+        raise ValueError(
+            f"trunk tensors differ: missing {sorted(expected - set(trunk))}, "
+            f"unexpected {sorted(set(trunk) - expected)}"
+        )
+    with torch.no_grad():
+        for name, value in trunk.items():
+            if state[name].shape != value.shape:
+                raise ValueError(f"trunk tensor {name}: shape {tuple(value.shape)} expected "
+                                 f"{tuple(state[name].shape)}")  # fmt: skip
+            state[name].copy_(value)
+
+
+def initial_trunk(plan: FederatedPlan, n_genes: int) -> Trunk:
+    """The trunk every site starts from (deterministic in ``plan.seed``)."""
+    torch.manual_seed(plan.seed)
+    return trunk_of(CondVAE(plan.model_config(n_genes), 0))
+
+
+def average_trunks(updates: Sequence[tuple[Mapping[str, Tensor], int]]) -> Trunk:
+    """FedAvg: the cell-weighted mean of the sites' trunks (integer counters are rounded)."""
+    if not updates:
+        raise ValueError("no site returned a trunk")
+    total = float(sum(n for _, n in updates))
+    out: Trunk = {}
+    for name, first in updates[0][0].items():
+        mean = sum(t[name].to(torch.float64) * (n / total) for t, n in updates)
+        assert isinstance(mean, Tensor)
+        out[name] = (
+            mean.round().to(first.dtype) if not first.is_floating_point() else mean.to(first.dtype)
+        )
+    return out
+
+
+def trunk_problem(sent: Mapping[str, Tensor], returned: Mapping[str, Tensor]) -> str:
+    """Why a site's returned trunk cannot be averaged with the others ("" when it can): other
+    tensor names, shapes or dtypes than the trunk sent, or values that are not finite."""
+    missing, unexpected = sorted(set(sent) - set(returned)), sorted(set(returned) - set(sent))
+    if missing or unexpected:
+        return f"tensor names differ (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    for name, tensor in sent.items():
+        got = returned[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            return (
+                f"{name}: {got.dtype} {tuple(got.shape)}, expected {tensor.dtype} "
+                f"{tuple(tensor.shape)}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"{name}: holds NaN or infinite values"
+    return ""
+
+
+def gene_universe(gene_lists: Sequence[Sequence[str]]) -> list[str]:
+    """The genes of the build's vote: the sorted union of the sites' genes."""
+    return sorted(set().union(*(set(g) for g in gene_lists)))
+
+
+def elect_genes(
+    universe: Sequence[str], votes: Sequence[GeneVotes], plan: FederatedPlan
+) -> list[str]:
+    """The highly variable genes elected by the sites' votes, in universe order."""
+    return [universe[i] for i in combine_gene_votes(list(votes), plan.recipe)]
+
+
+@dataclass
+class RoundUpdate:
+    """What a site returns after a round: its trunk, its cell count and its mean loss."""
+
+    trunk: Trunk
+    n_cells: int
+    loss: float
+
+
+@dataclass
+class SiteTrainer:
+    """One site's side of a federated build: its cells, its condition rows, its local rounds.
+
+    ``rows`` holds the site's condition rows between rounds (per condition table); a Flower
+    ClientApp keeps them in its node state, :func:`train_federated` in this object.
+    """
+
+    cells: CellTable
+    site_id: str
+    plan: FederatedPlan
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    # the cells in the elected genes' order, prepared once for every round (in one process)
+    _prepared: tuple[tuple[str, ...], TrainingData, list[int]] | None = field(
+        default=None, repr=False
+    )
+
+    def gene_names(self) -> list[str]:
+        """The site's gene names (sent for the universe)."""
+        return list(self.cells.genes)
+
+    def votes(self, universe: Sequence[str]) -> GeneVotes:
+        """Per-batch gene dispersions over ``universe`` (missing genes count as undetected)."""
+        aligned = align_genes(
+            self.cells.genes, list(universe), min_overlap=0.0, source=self.site_id
+        )
+        return gene_votes(aligned.apply(self.cells.counts), self.cells.batches, self.plan.recipe)
+
+    @property
+    def batch_names(self) -> list[str]:
+        """The site's batches in condition order (sorted), as surgery orders them too."""
+        return sorted(set(self.cells.batches.tolist()))
+
+    def train_round(
+        self, genes: Sequence[str], trunk: Mapping[str, Tensor], round_index: int
+    ) -> RoundUpdate:
+        """Train the sent trunk and this site's rows for one round; keep the rows."""
+        data, n_labels = self._training_data(genes)
+        model = CondVAE(self.plan.model_config(len(genes)), len(self.batch_names))
+        load_trunk(model, trunk)
+        if self.rows:
+            for name, table in model.condition_tables().items():
+                table.set_fresh(self.rows[name])
+        penalty = None
+        if self.plan.strategy == "fedprox" and self.plan.proximal_mu > 0:
+            penalty = _proximal_term(model, trunk, self.plan.proximal_mu)
+        prototypes = PrototypeTargets(
+            [torch.zeros(0, model.config.latent_dim) for _ in n_labels],
+            n_labels,
+            model.config.latent_dim,
+        )
+        result = fit(
+            model, data, self.plan.round_recipe(round_index), self.plan.recipe, mode="reference",
+            prototypes=prototypes, seed=self.plan.seed + 1000 * (round_index + 1), penalty=penalty,
+        )  # fmt: skip
+        self.rows = {
+            name: table.table().detach().clone() for name, table in model.condition_tables().items()
+        }
+        loss = float(result.history[-1]["loss"]) if result.history else float("nan")
+        return RoundUpdate(trunk_of(model), data.n_cells, loss)
+
+    def finish(self, release: Release, *, progress: bool = False) -> MappingResult:
+        """Turn the kept rows into this site's adaptor on the federated ``release``: surgery
+        starting from those rows, a short fine-tune of them alone, the site's prototypes."""
+        labels = self._labels()
+        cells = CellTable(
+            counts=self.cells.counts,
+            genes=self.cells.genes,
+            batches=self.cells.batches,
+            labels={release.label_levels[0]: labels}
+            if labels is not None and release.label_levels
+            else {},
+        )
+        return map_cells(
+            release, cells, site_id=self.site_id, epochs=self.plan.finish_epochs,
+            seed=self.plan.seed, initial_rows=self.rows or None, source=self.site_id,
+            progress=progress,
+        )  # fmt: skip
+
+    def _labels(self) -> Any:
+        return next(iter(self.cells.labels.values())) if self.cells.labels else None
+
+    def _training_data(self, genes: Sequence[str]) -> tuple[TrainingData, list[int]]:
+        if self._prepared is not None and self._prepared[0] == tuple(genes):
+            return self._prepared[1], self._prepared[2]
+        aligned = align_genes(self.cells.genes, list(genes), source=self.site_id)
+        index = np.searchsorted(np.asarray(self.batch_names), self.cells.batches).astype(np.int64)
+        labels = self._labels()
+        targets, n_labels = [], []
+        if labels is not None and self.plan.label_level:
+            vocab = sorted({str(v) for v in labels} - {UNLABELED})
+            targets.append(label_targets(labels, vocab))
+            n_labels.append(len(vocab))
+        data = TrainingData.for_recipe(
+            aligned.apply(self.cells.counts), index, targets, self.plan.recipe
+        )
+        self._prepared = (tuple(genes), data, n_labels)
+        return data, n_labels
+
+
+def _proximal_term(model: CondVAE, sent: Mapping[str, Tensor], mu: float) -> Callable[[], Tensor]:
+    """FedProx: ``mu/2 * sum |w - w_sent|^2`` over the trunk's trainable parameters."""
+    named = dict(model.named_parameters())
+    pairs = [(named[k], v.detach().clone()) for k, v in sent.items() if k in named]
+
+    def term() -> Tensor:
+        total = torch.zeros(())
+        for p, w in pairs:
+            total = total + ((p - w) ** 2).sum()
+        return (mu / 2.0) * total
+
+    return term
+
+
+def federated_release(
+    plan: FederatedPlan,
+    genes: Sequence[str],
+    trunk: Mapping[str, Tensor],
+    *,
+    n_cells: int,
+    sites: Sequence[str],
+    history: Sequence[Mapping[str, Any]],
+    unknown_threshold: float = DEFAULT_UNKNOWN_THRESHOLD,
+) -> Release:
+    """The release of a federated build: the final trunk, no conditions of its own, an empty
+    prototype catalogue (sites' adaptors bring conditions and prototypes)."""
+    model = CondVAE(plan.model_config(len(genes)), 0)
+    load_trunk(model, trunk)
+    model.freeze_all()
+    latent_dim = model.config.latent_dim
+    tensors = {MODEL_PREFIX + k: v for k, v in model.export_tensors().items()}
+    levels = [plan.label_level] if plan.label_level else []
+    empty = PrototypeSet.empty(latent_dim)
+    for i in range(len(levels)):
+        tensors.update(empty.to_tensors(prototype_prefix(i)))
+    content = reference_content(
+        preset=plan.preset_spec,
+        model_cfg=model.config,
+        recipe=plan.recipe,
+        train=plan.training,
+        seed=plan.seed,
+        genes=list(genes),
+        conditions=[],
+        prototypes={lv: empty.describe() for lv in levels},
+        unlabeled_prototypes=None,
+        reference={"n_cells": int(n_cells), "keeps_latents": False,
+                   "label_vocab": {lv: [] for lv in levels}},
+        transfer={
+            "method": "prototype",
+            "unknown_thresholds": {
+                "prototype": dict.fromkeys(transfer_levels(levels), unknown_threshold)
+            },
+        },
+        federated={"plan": plan.to_dict(), "sites": list(sites), "rounds": list(history)},
+    )  # fmt: skip
+    return Release.assemble(content, tensors, release_provenance(None))
+
+
+@dataclass
+class FederatedResult:
+    """A federated build run in one process: the release and each site's mapping onto it."""
+
+    release: Release
+    genes: list[str]
+    mappings: dict[str, MappingResult]
+    history: list[dict[str, Any]]
+
+
+def train_federated(
+    sites: Mapping[str, CellTable],
+    plan: FederatedPlan,
+    *,
+    on_round: Callable[[int, list[str], Trunk, Mapping[str, SiteTrainer]], None] | None = None,
+) -> FederatedResult:
+    """Run a whole federated build with every site in this process (what the Flower apps do,
+    without transport). ``on_round(r, genes, trunk, trainers)`` sees the elected genes, the
+    averaged trunk and the sites (with the rows they keep) after every round."""
+    trainers = {s: SiteTrainer(cells, s, plan) for s, cells in sites.items()}
+    universe = gene_universe([t.gene_names() for t in trainers.values()])
+    genes = elect_genes(universe, [t.votes(universe) for t in trainers.values()], plan)
+    trunk = initial_trunk(plan, len(genes))
+    history: list[dict[str, Any]] = []
+    for r in range(plan.rounds):
+        started = time.perf_counter()
+        updates = {s: t.train_round(genes, trunk, r) for s, t in trainers.items()}
+        trunk = average_trunks([(u.trunk, u.n_cells) for u in updates.values()])
+        history.append(round_record(r, updates, time.perf_counter() - started))
+        log.info("federated round %d/%d: %s", r + 1, plan.rounds, history[-1]["loss"])
+        if on_round is not None:
+            on_round(r, genes, trunk, trainers)
+    n_cells = sum(t.cells.counts.shape[0] for t in trainers.values())
+    release = federated_release(
+        plan, genes, trunk, n_cells=n_cells, sites=sorted(sites), history=history
+    )
+    mappings = {s: t.finish(release) for s, t in trainers.items()}
+    return FederatedResult(release, genes, mappings, history)
+
+
+def round_record(
+    round_index: int, updates: Mapping[str, RoundUpdate], seconds: float
+) -> dict[str, Any]:
+    """A round's line in the release's history: per-site cells and loss."""
+    return {
+        "round": round_index + 1,
+        "seconds": round(seconds, 3),
+        "loss": {s: round(u.loss, 4) for s, u in sorted(updates.items())},
+        "n_cells": {s: u.n_cells for s, u in sorted(updates.items())},
+    }

@@ -1,0 +1,1 @@
+"""The conditional VAE as a plain torch module: layers, condition tables, likelihoods, MMD."""

@@ -1,0 +1,1 @@
+"""Running things: command-line helpers, Flower processes, process trees, virtual sites."""

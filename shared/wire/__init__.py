@@ -1,0 +1,1 @@
+"""What crosses machines: tensor and composite encodings, signatures, bundles, transport."""
