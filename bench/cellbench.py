@@ -33,7 +33,7 @@ from fedatlas.benchmarks.cellbench import find_cellbench_dir, load_scenario
 from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.evaluation.plotting import plot_joint_embedding
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import build_reference
 from fedatlas.shared.model.release import Release
 
@@ -80,11 +80,10 @@ def run_one(
     mapped = []
     for stem, query in data.queries.items():
         t0 = time.perf_counter()
-        result = map_cells(
+        result = map_onto(
             release,
             extract_cells(query, source=stem, batch_key="batch"),
-            site_id=stem,
-            seed=seed,
+            MappingOptions(site_id=stem, seed=seed),
             progress=False,
         )
         truth = query.obs["cell_line"].astype(str).to_numpy(dtype=object)

@@ -34,7 +34,7 @@ from fedatlas.coordinator.registry import Registry, init_store
 from fedatlas.coordinator.verification import Policy
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.adaptor import Adaptor, compose
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import build_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.wire.bundle import make_bundle
@@ -53,10 +53,8 @@ def trained_adaptor(world: SyntheticWorld, preset: str) -> tuple[Release, Adapto
         cells, preset=preset, epochs=REFERENCE_EPOCHS[preset], seed=0, progress=False
     ).release
     site = world.sample(400, batches=("b1", "b2"), seed=2)
-    result = map_cells(
-        release, extract_cells(site, source="site", batch_key="batch", label_keys=["cell_type"]),
-        site_id="site", epochs=2, progress=False,
-    )  # fmt: skip
+    cells = extract_cells(site, source="site", batch_key="batch", label_keys=["cell_type"])
+    result = map_onto(release, cells, MappingOptions(site_id="site", epochs=2), progress=False)
     assert result.adaptor is not None
     return release, result.adaptor
 

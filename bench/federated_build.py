@@ -35,6 +35,7 @@ from fedatlas.shared.model.federated import (
 )
 from fedatlas.shared.model.reference import build_reference
 from fedatlas.shared.model.release import Release
+from fedatlas.shared.model.surgery import split
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MARGIN = 0.01  # "reached": within this of the central reference's overall score
@@ -118,7 +119,7 @@ def run_strategy(
 
 
 def _trunk(release: Release) -> dict[str, Any]:
-    return {k: v for k, v in release.model_tensors().items() if not k.endswith(".table")}
+    return split(release.model_tensors())[0]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

@@ -18,8 +18,8 @@ from fedatlas.shared.config import PRESETS
 from fedatlas.shared.runtime.commands import (
     add_data_arguments,
     add_subcommand,
+    data_source,
     print_result,
-    read_cells,
     settings,
     table,
 )
@@ -150,7 +150,7 @@ def _build(args: argparse.Namespace) -> int:
         raise ReleaseError(f"{out}: already exists; choose a new --out or pass --overwrite")
     model_overrides = settings(args.set, ModelConfig)
     train_overrides = settings(args.train_set, TrainConfig)
-    _, cells = read_cells(args)
+    _, cells = data_source(args).load()
     result = build_reference(
         cells,
         preset=args.model,

@@ -14,24 +14,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
 from fedatlas.coordinator.registry import Registry
 from fedatlas.shared.hashing import digest
-from fedatlas.shared.runtime.flower import BUNDLE_RECORD, COMPOSITE_RECORD
+from fedatlas.shared.wire.messages import (
+    BUNDLE_RECORD,
+    COMPOSITE_RECORD,
+    bytes_field,
+    str_field,
+)
 
 log = logging.getLogger(__name__)
 
 
-def run_campaign(grid: Any, context: Any) -> dict[str, Any]:
+def run_campaign(grid: Grid, context: Context) -> dict[str, Any]:
     """Announce the composite, collect bundles, register them; returns (and writes) the report."""
-    from flwr.app import Message, RecordDict
-
     config = context.run_config
     store, report_path = Path(str(config["store"])), Path(str(config["report"]))
     min_sites, timeout = int(config["min-sites"]), float(config["timeout"])
     report: dict[str, Any] = {"sites": [], "timed_out": [], "completed": False}
     with Registry(store) as registry:
-        payload = composite_record(registry)
-        report["generation"] = int(payload["generation"])
+        generation, payload = composite_record(registry)
+        report["generation"] = generation
         nodes = wait_for_nodes(grid, min_sites, timeout)
         messages = [
             Message(
@@ -51,20 +57,11 @@ def run_campaign(grid: Any, context: Any) -> dict[str, Any]:
     return report
 
 
-def composite_record(registry: Registry) -> Any:
-    """The current signed composite as a Flower record (manifest, weights, signed statement)."""
-    from flwr.app import ConfigRecord
-
-    record, composite, statement = registry.current_composite()
-    return ConfigRecord(
-        {
-            "manifest": composite.manifest_json(),
-            "weights": composite.weights_bytes(),
-            "statement": statement.statement_json,
-            "signature": statement.signature,
-            "generation": record.generation,
-        }
-    )
+def composite_record(registry: Registry) -> tuple[int, ConfigRecord]:
+    """The current signed composite's generation, and the composite in its wire form as the
+    Flower record sites receive (:mod:`fedatlas.shared.wire.messages`)."""
+    record, data = registry.composite_bytes()
+    return record.generation, ConfigRecord({COMPOSITE_RECORD: data})
 
 
 def latest_composite(registry: Registry) -> dict[str, Any]:
@@ -82,7 +79,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=1, sort_keys=True))
 
 
-def wait_for_nodes(grid: Any, min_sites: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Grid, min_sites: int, timeout: float) -> list[int]:
     """The connected SuperNodes, once at least ``min_sites`` are there (or ``timeout`` passed)."""
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
@@ -93,16 +90,16 @@ def wait_for_nodes(grid: Any, min_sites: int, timeout: float) -> list[int]:
     return [int(n) for n in nodes]
 
 
-def register_reply(registry: Registry, node: int, reply: Any) -> dict[str, Any]:
+def register_reply(registry: Registry, node: int, reply: Message) -> dict[str, Any]:
     """Register a site's bundle reply through :meth:`Registry.submit`; the site's outcome."""
     if reply.has_error():
         return {"node_id": node, "site_id": "", "state": "failed", "reason": str(reply.error)}
     answer = reply.content[BUNDLE_RECORD]
-    raw = bytes(answer["bundle"])
+    raw = bytes_field(answer, "bundle")
     outcome = registry.submit(raw, actor=f"flower campaign, node {node}")
     return {
         "node_id": node,
-        "site_id": str(answer["site-id"]),
+        "site_id": str_field(answer, "site-id"),
         "state": outcome.state,
         "reason_code": outcome.reason_code,
         "reason": outcome.reason,

@@ -16,6 +16,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
 from fedatlas.coordinator.campaign import (
     composite_record,
     latest_composite,
@@ -38,7 +41,18 @@ from fedatlas.shared.model.federated import (
     round_record,
     trunk_problem,
 )
-from fedatlas.shared.runtime.flower import COMPOSITE_RECORD, FEDERATED_RECORD, TRUNK_RECORD
+from fedatlas.shared.wire.codec import WireError, decode_tensors, encode_tensors
+from fedatlas.shared.wire.messages import (
+    COMPOSITE_RECORD,
+    FEDERATED_RECORD,
+    TENSORS,
+    TRUNK_RECORD,
+    bytes_field,
+    float_field,
+    int_field,
+    str_field,
+    strings_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +64,20 @@ class BuildAbortedError(FedatlasError):
 class _Steps:
     """Sends one step's message to the remaining nodes and keeps track of who dropped out."""
 
-    def __init__(self, grid: Any, plan: FederatedPlan, timeout: float, min_sites: int,
+    def __init__(self, grid: Grid, plan: FederatedPlan, timeout: float, min_sites: int,
                  report: dict[str, Any]) -> None:  # fmt: skip
         self.grid, self.plan, self.timeout, self.min_sites = grid, plan, timeout, min_sites
         self.report = report
         self.site_of: dict[int, str] = {}
 
     def ask(self, nodes: list[int], message_type: str, settings: Mapping[str, Any],
-            arrays: Any = None, composite: Any = None) -> dict[int, Any]:  # fmt: skip
+            tensors: bytes | None = None,
+            composite: ConfigRecord | None = None) -> dict[int, Message]:  # fmt: skip
         """The replies (by node) of ``nodes`` to one step; failed or silent nodes are reported."""
-        from flwr.app import ConfigRecord, Message, RecordDict
-
         config = ConfigRecord({"plan": self.plan.to_json(), **settings})
-        records: dict[str, Any] = {FEDERATED_RECORD: config}
-        if arrays is not None:
-            records[TRUNK_RECORD] = arrays
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {FEDERATED_RECORD: config}
+        if tensors is not None:
+            records[TRUNK_RECORD] = ConfigRecord({TENSORS: tensors})
         if composite is not None:
             records[COMPOSITE_RECORD] = composite
         messages = [
@@ -76,10 +89,10 @@ class _Steps:
         )
 
     def collect(
-        self, nodes: list[int], message_type: str, answers: Iterable[Any]
-    ) -> dict[int, Any]:
+        self, nodes: list[int], message_type: str, answers: Iterable[Message]
+    ) -> dict[int, Message]:
         """The good replies among ``answers`` to a step sent to ``nodes``; the others dropped."""
-        replies: dict[int, Any] = {}
+        replies: dict[int, Message] = {}
         failed: set[int] = set()
         for reply in answers:
             node = int(reply.metadata.src_node_id)
@@ -98,19 +111,25 @@ class _Steps:
         return replies
 
     def usable_updates(
-        self, sent: Trunk, answers: Mapping[int, Any], step: str
+        self, sent: Trunk, answers: Mapping[int, Message], step: str
     ) -> dict[str, RoundUpdate]:
         """The sites' round updates whose trunk fits the one sent (others are dropped)."""
         updates: dict[str, RoundUpdate] = {}
         for node, reply in answers.items():
-            returned = reply.content[TRUNK_RECORD].to_torch_state_dict()
+            try:
+                returned = decode_tensors(
+                    bytes_field(reply.content[TRUNK_RECORD], TENSORS), source=f"node {node}'s trunk"
+                )
+            except WireError as exc:
+                self._drop(node, step, f"unusable trunk: {exc}")
+                continue
             problem = trunk_problem(sent, returned)
             if problem:
                 self._drop(node, step, f"unusable trunk: {problem}")
                 continue
             config = reply.content[FEDERATED_RECORD]
             updates[self.site_of[node]] = RoundUpdate(
-                returned, int(config["n-cells"]), float(config["loss"])
+                returned, int_field(config, "n-cells"), float_field(config, "loss")
             )
         if len(updates) < self.min_sites:
             raise BuildAbortedError(
@@ -125,7 +144,7 @@ class _Steps:
         self.report["dropped"][str(node)] = {"site_id": site, "step": step, "reason": reason}
 
 
-def run_federated_build(grid: Any, context: Any) -> dict[str, Any]:
+def run_federated_build(grid: Grid, context: Context) -> dict[str, Any]:
     """Run the whole build; returns (and writes) the report, also when it is aborted."""
     config = context.run_config
     store, report_path = Path(str(config["store"])), Path(str(config["report"]))
@@ -144,23 +163,24 @@ def run_federated_build(grid: Any, context: Any) -> dict[str, Any]:
     return report
 
 
-def _build(grid: Any, store: Path, plan: FederatedPlan, timeout: float, min_sites: int,
+def _build(grid: Grid, store: Path, plan: FederatedPlan, timeout: float, min_sites: int,
            report: dict[str, Any]) -> None:  # fmt: skip
-    from flwr.app import ArrayRecord
-
     steps = _Steps(grid, plan, timeout, min_sites, report)
     nodes = wait_for_nodes(grid, min_sites, timeout)
     answers = steps.ask(nodes, "query.genes", {})
-    steps.site_of = {n: str(r.content[FEDERATED_RECORD]["site-id"]) for n, r in answers.items()}
-    universe = gene_universe([list(r.content[FEDERATED_RECORD]["genes"]) for r in answers.values()])
+    steps.site_of = {
+        n: str_field(r.content[FEDERATED_RECORD], "site-id") for n, r in answers.items()
+    }
+    universe = gene_universe(
+        [strings_field(r.content[FEDERATED_RECORD], "genes") for r in answers.values()]
+    )
     answers = steps.ask(sorted(answers), "query.votes", {"universe": universe})
-    votes = [
-        GeneVotes(
-            detected=r.content[TRUNK_RECORD]["detected"].numpy(),
-            dispersions=r.content[TRUNK_RECORD]["dispersions"].numpy(),
+    votes = []
+    for node, reply in answers.items():
+        cast = decode_tensors(
+            bytes_field(reply.content[TRUNK_RECORD], TENSORS), source=f"node {node}"
         )
-        for r in answers.values()
-    ]
+        votes.append(GeneVotes(cast["detected"].numpy(), cast["dispersions"].numpy()))
     genes = elect_genes(universe, votes, plan)
     log.info("federated build: %d sites, %d genes elected of %d", len(answers), len(genes),
              len(universe))  # fmt: skip
@@ -170,7 +190,7 @@ def _build(grid: Any, store: Path, plan: FederatedPlan, timeout: float, min_site
         started = time.perf_counter()
         answers = steps.ask(
             sorted(answers), "train.round", {"genes": genes, "round": r},
-            arrays=ArrayRecord(torch_state_dict=trunk),
+            tensors=encode_tensors(trunk),
         )  # fmt: skip
         updates = steps.usable_updates(trunk, answers, f"train.round {r + 1}")
         answers = {n: a for n, a in answers.items() if steps.site_of[n] in updates}
@@ -186,8 +206,7 @@ def _build(grid: Any, store: Path, plan: FederatedPlan, timeout: float, min_site
         registry.publish_release(release, actor="federated build")
         report["release_id"] = release.content_hash
         report["genes"] = len(genes)
-        payload = composite_record(registry)
-        report["generation"] = int(payload["generation"])
+        report["generation"], payload = composite_record(registry)
         finished = steps.ask(sorted(answers), "train.finish", {}, composite=payload)
         for node, reply in sorted(finished.items()):
             report["sites"].append(register_reply(registry, node, reply))

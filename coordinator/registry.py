@@ -35,7 +35,7 @@ from fedatlas.shared.hashing import digest
 from fedatlas.shared.model.adaptor import Adaptor, compose
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.wire.bundle import parse_bundle
-from fedatlas.shared.wire.composite import CompositeStatement, sign_composite
+from fedatlas.shared.wire.composite import CompositeStatement, SignedComposite, sign_composite
 from fedatlas.shared.wire.signing import fingerprint, load_signing_key, public_bytes, write_keypair
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class Registry:
         self._adaptors: dict[str, Adaptor] = {}
         self._releases: dict[str, Release] = {}
         self._materialized: tuple[int, Release] | None = None
+        self._encoded: tuple[int, bytes] | None = None  # the latest composite's wire form
         # composite index: content hashes per base release, first generation of each bundle
         self._indexed = 0
         self._composites_of: dict[str, list[str]] = {}
@@ -423,6 +424,15 @@ class Registry:
                 self._materialized = (record.generation, composite)
             statement = CompositeStatement(record.statement_json, record.signature)
             return record, self._materialized[1], statement
+
+    def composite_bytes(self) -> tuple[CompositeRecord, bytes]:
+        """The latest composite in its one wire form (:meth:`SignedComposite.encode`, what gRPC
+        streams and a Flower campaign carries), encoded once per generation."""
+        with self._lock:
+            record, release, statement = self.current_composite()
+            if self._encoded is None or self._encoded[0] != record.generation:
+                self._encoded = (record.generation, SignedComposite(release, statement).encode())
+            return record, self._encoded[1]
 
 
 def _rejected(bundle_id: str, raw: bytes, rejection: Rejection) -> Outcome:

@@ -16,7 +16,8 @@ import fedatlas.shared as fs
 from fedatlas.coordinator.registry import Outcome, Registry, RegistryError
 from fedatlas.coordinator.tls import read_pem
 from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.hashing import tensor_bytes
+from fedatlas.shared.hashing import digest
+from fedatlas.shared.wire.codec import SUBMISSION_STATES
 from fedatlas.shared.wire.signing import fingerprint
 from fedatlas.shared.wire.transport import CHANNEL_OPTIONS, CHUNK_BYTES
 from fedatlas.v1 import coordinator_pb2 as pb
@@ -24,18 +25,12 @@ from fedatlas.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-STATES = {
-    "accepted": pb.SUBMISSION_STATE_ACCEPTED,
-    "held": pb.SUBMISSION_STATE_HELD,
-    "rejected": pb.SUBMISSION_STATE_REJECTED,
-}
-
 
 def status_message(outcome: Outcome) -> pb.SubmissionStatus:
     """An :class:`Outcome` as a protocol message."""
     return pb.SubmissionStatus(
         bundle_id=outcome.bundle_id,
-        state=STATES[outcome.state],
+        state=SUBMISSION_STATES[outcome.state],
         site_id=outcome.site_id,
         reason_code=outcome.reason_code,
         reason=outcome.reason,
@@ -53,38 +48,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.registry = registry
 
     def GetComposite(self, request: pb.GetCompositeRequest, context: Any) -> Iterator[Any]:
-        """Stream the current composite: a header, then every tensor in chunks."""
+        """Stream the current composite: a header, then its wire form in pieces."""
         try:
-            record, release, statement = self.registry.current_composite()
+            record, data = self.registry.composite_bytes()
         except FedatlasError as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        payloads = {name: tensor_bytes(t) for name, t in sorted(release.tensors.items())}
         yield pb.CompositeChunk(
             header=pb.CompositeHeader(
                 generation=record.generation,
                 content_hash=record.content_hash,
-                manifest_json=release.manifest_json(),
-                statement_json=statement.statement_json,
-                signature=statement.signature,
-                coordinator_public_key=self.registry.public_key,
-                n_tensors=len(payloads),
-                total_bytes=sum(len(p) for p in payloads.values()),
+                total_bytes=len(data),
+                sha256=digest(data),
             )
         )
-        for name, data in payloads.items():
-            tensor = release.tensors[name]
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            for offset in range(0, max(len(data), 1), CHUNK_BYTES):
-                yield pb.CompositeChunk(
-                    tensor=pb.TensorChunk(
-                        name=name,
-                        dtype=dtype,
-                        shape=list(tensor.shape),
-                        offset=offset,
-                        total_bytes=len(data),
-                        data=data[offset : offset + CHUNK_BYTES],
-                    )
-                )
+        for offset in range(0, len(data), CHUNK_BYTES):
+            yield pb.CompositeChunk(data=data[offset : offset + CHUNK_BYTES])
 
     def SubmitBundle(self, request: pb.SubmitBundleRequest, context: Any) -> pb.SubmissionStatus:
         """Verify and register a bundle; the answer says accepted, held or rejected (why)."""

@@ -17,9 +17,17 @@ from torch import Tensor
 
 from fedatlas.coordinator.store import SiteRecord, Store
 from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.hashing import dtype_name
 from fedatlas.shared.model.adaptor import Adaptor
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
-from fedatlas.shared.wire.bundle import BundleError, SignedBundle, parse_bundle
+from fedatlas.shared.model.surgery import split
+from fedatlas.shared.wire.bundle import (
+    NONCE_BYTES,
+    BundleError,
+    BundleHashError,
+    SignedBundle,
+    parse_bundle,
+)
 from fedatlas.shared.wire.signing import fingerprint
 
 Approval = Literal["auto", "hold"]
@@ -100,11 +108,7 @@ class Reference:
     @classmethod
     def of(cls, release: Release, composite_ids: Iterable[str]) -> Reference:
         """The reference for ``release`` and its composites."""
-        tables = {
-            name: table
-            for name, table in release.model_tensors().items()
-            if name.endswith(".table")
-        }
+        tables = split(release.model_tensors())[1]
         norms = {
             MODEL_PREFIX + name: float(torch.linalg.vector_norm(t.double(), dim=-1).max())
             if t.shape[0]
@@ -138,8 +142,8 @@ def verify_bundle(raw: bytes, store: Store, reference: Reference, policy: Policy
     site = _check_site(bundle, store)
     if not bundle.signature_valid(site.public_key):
         raise Rejection("bad_signature", "the Ed25519 signature does not verify")
-    if len(bundle.nonce) != 16:
-        raise Rejection("malformed", f"nonce of {len(bundle.nonce)} bytes, expected 16")
+    if len(bundle.nonce) != NONCE_BYTES:
+        raise Rejection("malformed", f"nonce of {len(bundle.nonce)} bytes, expected {NONCE_BYTES}")
     previous = store.find_nonce(site.site_id, bundle.nonce)
     if previous is not None:
         raise Rejection(
@@ -148,9 +152,10 @@ def verify_bundle(raw: bytes, store: Store, reference: Reference, policy: Policy
     _check_release(bundle, reference)
     try:
         adaptor = bundle.adaptor()
+    except BundleHashError as exc:  # the tensors are not those the signed content lists
+        raise Rejection("bad_signature", str(exc)) from None
     except BundleError as exc:
-        code = "bad_signature" if "recorded hash" in str(exc) else "bad_tensors"
-        raise Rejection(code, str(exc)) from None
+        raise Rejection("bad_tensors", str(exc)) from None
     _check_consistency(bundle, adaptor)
     _check_conditions(adaptor, store, reference)
     _check_tensors(adaptor, reference)
@@ -233,9 +238,8 @@ def _expected_tensors(adaptor: Adaptor, release: Release) -> dict[str, tuple[str
     """Name -> (dtype, shape) of every tensor an adaptor for ``release`` must have."""
     n = len(adaptor.condition_names)
     expected: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, table in release.model_tensors().items():
-        if name.endswith(".table"):
-            expected[MODEL_PREFIX + name] = ("float32", (n, *table.shape[1:]))
+    for name, table in split(release.model_tensors())[1].items():
+        expected[MODEL_PREFIX + name] = ("float32", (n, *table.shape[1:]))
     latent = release.model_config.latent_dim
     meta = adaptor.content.get("prototypes", {})
     for i, level in enumerate(release.label_levels):
@@ -262,7 +266,7 @@ def _check_tensors(adaptor: Adaptor, reference: Reference) -> None:
         raise Rejection("bad_tensors", f"missing tensors {missing}, unexpected tensors {extra}")
     for name, (dtype, shape) in expected.items():
         got = adaptor.tensors[name]
-        got_dtype = str(got.dtype).removeprefix("torch.")
+        got_dtype = dtype_name(got)
         if got_dtype != dtype or tuple(got.shape) != shape:
             raise Rejection(
                 "bad_tensors",

@@ -228,21 +228,21 @@ def _third_party(out: Path, data: DemoData, address: str, store: Path, seed: int
     from fedatlas.shared.data.dataset import extract_cells
     from fedatlas.shared.data.h5ad import write_h5ad
     from fedatlas.shared.model.annotations import annotate
-    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.model.mapping import MappingOptions, map_onto
     from fedatlas.shared.wire.signing import load_public_key
     from fedatlas.site_client.client import CoordinatorClient
     from fedatlas.site_client.report import write_report
 
     with CoordinatorClient(address, store / "ca.pem") as client:
         pulled = client.pull()
-    composite = pulled.release
-    pulled.statement.verify(composite, load_public_key(store / "coordinator.pub"),
-                            source=f"coordinator {address}")  # fmt: skip
+    composite = pulled.verify(load_public_key(store / "coordinator.pub"), source=address)
     composite.save(out / THIRD_PARTY / "composite", overwrite=True)
     adata = data.third_party.copy()
     cells = extract_cells(adata, source=THIRD_PARTY, batch_key="batch")  # labels stay hidden
     t0 = time.perf_counter()
-    result = map_cells(composite, cells, site_id=THIRD_PARTY, seed=seed, progress=progress)
+    result = map_onto(
+        composite, cells, MappingOptions(site_id=THIRD_PARTY, seed=seed), progress=progress
+    )
     truth = adata.obs[data.label_key].astype(str).to_numpy(dtype=object)
     mapped = MappedQuery(THIRD_PARTY, truth, result, time.perf_counter() - t0)
     annotate(adata, result)

@@ -21,3 +21,7 @@ class ReleaseError(FedatlasError):
 
 class AdaptorError(FedatlasError):
     """An adaptor file is malformed, or cannot be combined with a release or with other adaptors."""
+
+
+class AdaptorHashError(AdaptorError):
+    """An adaptor's tensors or content differ from the hashes it records (it was altered)."""

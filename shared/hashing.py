@@ -29,6 +29,11 @@ def content_hash(obj: Any) -> str:
     return digest(canonical_json(obj))
 
 
+def dtype_name(tensor: Tensor) -> str:
+    """A tensor's dtype as manifests and the wire spell it: torch's name without ``torch.``."""
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def tensor_bytes(tensor: Tensor) -> bytes:
     """Raw little-endian bytes of a tensor in C order."""
     array = tensor.detach().cpu().contiguous().numpy()
@@ -47,7 +52,7 @@ def tensor_index(tensors: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
     """Per-tensor dtype, shape and digest, as recorded in manifests."""
     return {
         name: {
-            "dtype": str(t.dtype).removeprefix("torch."),
+            "dtype": dtype_name(t),
             "shape": list(t.shape),
             "sha256": tensor_digest(t),
         }

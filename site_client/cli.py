@@ -3,34 +3,53 @@
 ``map`` works offline on a release directory. ``keygen`` makes the site's signing key;
 ``pull`` downloads and verifies the coordinator's composite; ``prepare`` trains the adaptor
 and writes a signed bundle file without any network (for compute with no network); ``send``
-sends such a file; ``submit`` is pull + prepare + send in one step.
+sends such a file; ``submit`` is pull + prepare + send in one step; ``node`` runs the site's
+Flower SuperNode. Every mapping goes through the site workflow
+(:mod:`fedatlas.site_client.workflow`) with one set of mapping options.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fedatlas.shared.data.dataset import DataSource
+from fedatlas.shared.data.h5ad import read_h5ad
+from fedatlas.shared.errors import ConfigError, InputDataError
+from fedatlas.shared.model.mapping import DEFAULT_TRAIN_CELLS, MappingOptions, MappingResult
+from fedatlas.shared.model.release import Release
 from fedatlas.shared.runtime.commands import (
     add_data_arguments,
     add_subcommand,
+    data_source,
     print_result,
-    read_cells,
 )
-from fedatlas.site_client.report import MAX_QUERY_CELLS, MAX_REFERENCE_CELLS
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    import numpy as np
-    from numpy.typing import NDArray
-
-    from fedatlas.shared.model.mapping import MappingResult
-    from fedatlas.shared.model.release import Release
-    from fedatlas.site_client.client import CoordinatorClient
-    from fedatlas.v1.coordinator_pb2 import SubmissionStatus
+from fedatlas.shared.runtime.flower import flower_bin, flower_env, supervise
+from fedatlas.shared.wire.codec import state_from_wire
+from fedatlas.shared.wire.signing import (
+    NODE_KEY_STEM,
+    fingerprint,
+    load_public_key,
+    load_signing_key,
+    write_keypair,
+    write_node_keypair,
+)
+from fedatlas.site_client.client import CoordinatorClient
+from fedatlas.site_client.node import NodeSettings
+from fedatlas.site_client.report import (
+    INDEX_HTML,
+    MAX_QUERY_CELLS,
+    MAX_REFERENCE_CELLS,
+    check_mapped,
+    write_report,
+)
+from fedatlas.site_client.trust import accept, default_known_file
+from fedatlas.site_client.workflow import SiteMapping, map_site, prepare_bundle, write_bundle
+from fedatlas.v1.coordinator_pb2 import SubmissionStatus
 
 EXIT_REJECTED = 3  # the coordinator refused the bundle (exit 2 stays "bad input")
 
@@ -178,6 +197,8 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "--port", type=int, default=9094, help="the node's local Flower API port (9094)"
     )
     node.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    node.add_argument("--epochs", type=int, help="override the release's mapping epochs")
+    _add_reading_arguments(node)
 
 
 def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str | None) -> None:
@@ -202,7 +223,7 @@ def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str
     parser.add_argument(
         "--min-gene-overlap",
         type=float,
-        default=0.5,
+        default=MappingOptions.min_gene_overlap,
         help="refuse if fewer than this share of the release's genes are present (0.5)",
     )
     parser.add_argument(
@@ -217,9 +238,14 @@ def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str
     parser.add_argument(
         "--min-prototype-cells",
         type=int,
-        default=10,
+        default=MappingOptions.min_prototype_cells,
         help="labels with fewer cells get no prototype in the adaptor (default 10)",
     )
+    _add_reading_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_reading_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-size",
         type=int,
@@ -232,13 +258,12 @@ def _add_mapping_arguments(parser: argparse.ArgumentParser, *, site_default: str
     parser.add_argument(
         "--train-cells",
         type=int,
-        default=50_000,
+        default=DEFAULT_TRAIN_CELLS,
         metavar="N",
         help="when streaming, train the new batches' condition rows on at most N of their "
         "cells, drawn at random and shared equally among the new batches (default 50,000); "
         "loaded whole, every cell is used",
     )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _add_signing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,76 +291,9 @@ def _add_coordinator_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------- map
-def _map(args: argparse.Namespace) -> int:
-    from fedatlas.shared.data.dataset import condition_name
-    from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.model.release import Release
-
-    release = Release.load(args.reference)
-
-    def require_new_batch(batches: NDArray[np.str_]) -> None:
-        known = set(release.condition_names)
-        if all(condition_name(args.site_id, b) in known for b in set(batches.tolist())):
-            raise ConfigError(
-                f"--adaptor-out: every batch of {args.data} is already a condition of the release "
-                f"(as {args.site_id}/BATCH), so there is no adaptor to train; drop --adaptor-out "
-                "or map them as new conditions under another --site-id"
-            )
-
-    check = require_new_batch if args.adaptor_out is not None else None
-    result, chunk_cells = _map_and_write(args, release, check)
-    adaptor_bytes = 0
-    if args.adaptor_out is not None and result.adaptor is not None:
-        adaptor_bytes = len(result.adaptor.to_bytes())
-        result.adaptor.save(args.adaptor_out)
-    payload, lines = _mapping_report(args, result, chunk_cells)
-    payload.update(adaptor_file=str(args.adaptor_out or ""), adaptor_bytes=adaptor_bytes)
-    if result.adaptor is not None and args.adaptor_out is not None:
-        lines.append(
-            f"  adaptor         {result.adaptor.content_hash} -> {args.adaptor_out} "
-            f"({adaptor_bytes:,} bytes)"
-        )
-    print_result(payload, args.json, lines)
-    return 0
-
-
-def _map_and_write(
-    args: argparse.Namespace,
-    release: Release,
-    check_batches: Callable[[NDArray[np.str_]], None] | None = None,
-) -> tuple[MappingResult, int]:
-    """Map the dataset of ``args`` onto ``release`` and write the annotated copy to --out, in
-    memory or in chunks (--chunk-size); ``check_batches`` sees the cells' batches before any
-    mapping work. Returns the result and the cells per chunk (0: the file was loaded whole)."""
-    from fedatlas.shared.data.h5ad import write_h5ad
-    from fedatlas.shared.model.annotations import annotate
-    from fedatlas.shared.model.mapping import map_cells
-    from fedatlas.shared.model.streaming import chunk_cells_for, map_h5ad, read_annotations
-
-    chunk_cells = chunk_cells_for(args.data, args.layer, args.chunk_size)
-    if chunk_cells:
-        if check_batches is not None:
-            _, batches, _ = read_annotations(
-                args.data, batch_key=args.batch_key, label_keys=args.label_key,
-                gene_key=args.gene_key,
-            )  # fmt: skip
-            check_batches(batches)
-        streamed = map_h5ad(
-            release, args.data, args.out, batch_key=args.batch_key, label_keys=args.label_key,
-            layer=args.layer, gene_key=args.gene_key, chunk_cells=chunk_cells,
-            train_cells=args.train_cells, site_id=args.site_id, epochs=args.epochs,
-            seed=args.seed, min_gene_overlap=args.min_gene_overlap, transfer=args.transfer,
-            unknown_threshold=args.unknown_threshold,
-            min_prototype_cells=args.min_prototype_cells, progress=not args.quiet,
-        )  # fmt: skip
-        return streamed, chunk_cells
-    adata, cells = read_cells(args)
-    if check_batches is not None:
-        check_batches(cells.batches)
-    result = map_cells(
-        release,
-        cells,
+def _options(args: argparse.Namespace) -> MappingOptions:
+    """The mapping options of a command."""
+    return MappingOptions(
         site_id=args.site_id,
         epochs=args.epochs,
         seed=args.seed,
@@ -343,24 +301,42 @@ def _map_and_write(
         transfer=args.transfer,
         unknown_threshold=args.unknown_threshold,
         min_prototype_cells=args.min_prototype_cells,
-        source=str(args.data),
-        progress=not args.quiet,
+        chunk_size=args.chunk_size,
+        train_cells=args.train_cells,
     )
-    annotate(adata, result)
-    write_h5ad(adata, args.out)
-    return result, 0
+
+
+# ---------------------------------------------------------------------------------- map
+def _map(args: argparse.Namespace) -> int:
+    release = Release.load(args.reference)
+    mapped = map_site(
+        release, data_source(args), _options(args), out=args.out,
+        require_adaptor=args.adaptor_out is not None, progress=not args.quiet,
+    )  # fmt: skip
+    adaptor = mapped.result.adaptor
+    payload, lines = _mapping_report(args, mapped)
+    payload.update(adaptor_file=str(args.adaptor_out or ""), adaptor_bytes=0)
+    if adaptor is not None and args.adaptor_out is not None:
+        adaptor.save(args.adaptor_out)
+        payload["adaptor_bytes"] = args.adaptor_out.stat().st_size
+        lines.append(
+            f"  adaptor         {adaptor.content_hash} -> {args.adaptor_out} "
+            f"({payload['adaptor_bytes']:,} bytes)"
+        )
+    print_result(payload, args.json, lines)
+    return 0
 
 
 def _mapping_report(
-    args: argparse.Namespace, result: MappingResult, chunk_cells: int
+    args: argparse.Namespace, mapped: SiteMapping
 ) -> tuple[dict[str, Any], list[str]]:
-    """JSON payload and readable lines describing a mapping (``chunk_cells``: cells per chunk
-    when the file was streamed, 0 when it was loaded whole)."""
+    """JSON payload and readable lines describing a mapping."""
+    result: MappingResult = mapped.result
     n_cells = int(result.latent.shape[0])
     payload: dict[str, Any] = {
         "out": str(args.out),
         "n_cells": n_cells,
-        "chunk_cells": chunk_cells,
+        "chunk_cells": mapped.chunk_cells,
         **result.provenance(),
     }
     alignment = result.alignment
@@ -388,11 +364,6 @@ def _mapping_report(
 
 # ------------------------------------------------------------------------------- report
 def _report(args: argparse.Namespace) -> int:
-    from fedatlas.shared.data.h5ad import read_h5ad
-    from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.model.release import Release
-    from fedatlas.site_client.report import INDEX_HTML, check_mapped, write_report
-
     if args.max_reference_cells < 0 or args.max_cells < 1:
         raise ConfigError("--max-reference-cells must be >= 0 and --max-cells >= 1")
     if args.out.exists() and not args.out.is_dir():
@@ -431,13 +402,6 @@ def _report(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------- keys and network
 def _keygen(args: argparse.Namespace) -> int:
-    from fedatlas.shared.wire.signing import (
-        fingerprint,
-        load_public_key,
-        write_keypair,
-        write_node_keypair,
-    )
-
     pair = write_keypair(args.out, "site", overwrite=args.overwrite)
     node = write_node_keypair(args.out, overwrite=args.overwrite)
     key_id = fingerprint(load_public_key(pair.public))
@@ -461,8 +425,6 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> CoordinatorClient:
-    from fedatlas.site_client.client import CoordinatorClient
-
     return CoordinatorClient(
         args.coordinator,
         args.ca,
@@ -474,22 +436,17 @@ def _client(args: argparse.Namespace) -> CoordinatorClient:
 
 def _pull_verified(args: argparse.Namespace, out: Path) -> tuple[Release, int]:
     """Pull the composite, check hash and signature against the trusted key, write ``out``."""
-    from fedatlas.shared.wire.signing import load_public_key
-    from fedatlas.site_client.trust import default_known_file, trusted_key
-
     with _client(args) as client:
         pulled = client.pull()
-    explicit = load_public_key(args.coordinator_key) if args.coordinator_key else None
-    key = trusted_key(
+    release = accept(
+        pulled,
         args.coordinator,
-        pulled.statement.coordinator_key,
         known_file=args.known_coordinators or default_known_file(),
-        explicit=explicit,
+        explicit=load_public_key(args.coordinator_key) if args.coordinator_key else None,
     )
-    pulled.statement.verify(pulled.release, key, source=f"coordinator {args.coordinator}")
-    pulled.release.save(out, overwrite=True)
+    release.save(out, overwrite=True)
     pulled.statement.save(out)
-    return pulled.release, pulled.generation
+    return release, pulled.generation
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -517,23 +474,12 @@ def _prepare_bundle(
     args: argparse.Namespace, release: Release, bundle_out: Path
 ) -> tuple[bytes, dict[str, Any], list[str]]:
     """Map, sign the adaptor and write the bundle file: its bytes and a report."""
-    from fedatlas.shared.errors import ConfigError
-    from fedatlas.shared.wire.bundle import make_bundle
-    from fedatlas.shared.wire.signing import load_signing_key
-
-    key = load_signing_key(args.key)
-    result, chunk_cells = _map_and_write(args, release)
-    if result.adaptor is None:
-        raise ConfigError(
-            f"{args.data}: every batch is already a condition of the reference (as "
-            f"{args.site_id}/BATCH); there is no new adaptor to submit"
-        )
-    bundle = make_bundle(result.adaptor, key)
-    bundle_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = bundle_out.with_name(f".{bundle_out.name}.tmp")
-    tmp.write_bytes(bundle.raw)
-    tmp.replace(bundle_out)
-    payload, lines = _mapping_report(args, result, chunk_cells)
+    bundle, mapped = prepare_bundle(
+        release, data_source(args), _options(args), load_signing_key(args.key), out=args.out,
+        progress=not args.quiet,
+    )  # fmt: skip
+    write_bundle(bundle, bundle_out)
+    payload, lines = _mapping_report(args, mapped)
     payload.update(bundle=str(bundle_out), bundle_id=bundle.bundle_id, bundle_bytes=len(bundle.raw))
     lines.append(
         f"  bundle          {bundle.bundle_id} -> {bundle_out} ({len(bundle.raw):,} bytes)"
@@ -542,8 +488,6 @@ def _prepare_bundle(
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from fedatlas.shared.model.release import Release
-
     _, payload, lines = _prepare_bundle(args, Release.load(args.reference), args.bundle_out)
     print_result(payload, args.json, lines)
     return 0
@@ -553,9 +497,7 @@ def _report_status(
     status: SubmissionStatus, as_json: bool, size: int, before: dict[str, Any] | None = None
 ) -> int:
     """Print what the coordinator answered (after ``before``, a report of earlier steps)."""
-    from fedatlas.site_client.client import STATE_NAMES
-
-    state = STATE_NAMES.get(status.state, "unknown")
+    state = state_from_wire(status.state)
     payload = {
         **(before or {}),
         "bundle_id": status.bundle_id,
@@ -579,8 +521,6 @@ def _report_status(
 
 
 def _send(args: argparse.Namespace) -> int:
-    from fedatlas.shared.errors import InputDataError
-
     try:
         raw = args.bundle.read_bytes()
     except OSError as exc:
@@ -606,28 +546,26 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    import json
-    import subprocess
-
-    from fedatlas.shared.runtime.flower import flower_bin, flower_env, supervise
-    from fedatlas.shared.wire.signing import NODE_KEY_STEM, load_signing_key
-    from fedatlas.site_client.trust import default_known_file
-
     load_signing_key(args.key)  # refuse a missing or unsafe key before anything starts
     node_key = args.key.with_name(f"{NODE_KEY_STEM}.key")
-    settings = {
-        "site-id": args.site_id,
-        "data": str(args.data.resolve()),
-        "batch-key": args.batch_key,
-        "label-key": args.label_key,
-        "key": str(args.key.resolve()),
-        "out": str(args.out.resolve()) if args.out else "",
-        "coordinator-key": str(args.coordinator_key.resolve()) if args.coordinator_key else "",
-        "superlink": args.superlink,
-        "known-coordinators": str((args.known_coordinators or default_known_file()).resolve()),
-        "seed": args.seed,
-    }
-    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    settings = NodeSettings(
+        source=DataSource(
+            args.data.resolve(), args.batch_key, (args.label_key,) if args.label_key else ()
+        ),
+        options=MappingOptions(
+            site_id=args.site_id,
+            seed=args.seed,
+            epochs=args.epochs,
+            chunk_size=args.chunk_size,
+            train_cells=args.train_cells,
+        ),
+        key=args.key.resolve(),
+        superlink=args.superlink,
+        known_coordinators=(args.known_coordinators or default_known_file()).resolve(),
+        coordinator_key=args.coordinator_key.resolve() if args.coordinator_key else None,
+        out=args.out.resolve() if args.out else None,
+    )
+    node_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.node_config().items())
     home = args.key.resolve().parent / "flower-home"
     process = subprocess.Popen(
         [flower_bin("flower-supernode"), "--root-certificates", str(args.ca),

@@ -11,44 +11,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
-from fedatlas.shared.errors import FedatlasError
-from fedatlas.shared.model.release import Release
-from fedatlas.shared.wire.bundle import BundleError, tensor_from_bytes
-from fedatlas.shared.wire.composite import CompositeStatement
-from fedatlas.shared.wire.transport import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from fedatlas.shared.errors import FedatlasError, ReleaseError
+from fedatlas.shared.hashing import digest
+from fedatlas.shared.wire.composite import SignedComposite
+from fedatlas.shared.wire.transport import CHANNEL_OPTIONS, MAX_COMPOSITE_BYTES, MAX_MESSAGE_BYTES
 from fedatlas.v1 import coordinator_pb2 as pb
 from fedatlas.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-STATE_NAMES = {
-    pb.SUBMISSION_STATE_ACCEPTED: "accepted",
-    pb.SUBMISSION_STATE_HELD: "held",
-    pb.SUBMISSION_STATE_REJECTED: "rejected",
-}
 
 T = TypeVar("T")
 
 
 class CoordinatorError(FedatlasError):
     """The coordinator could not be reached or refused a request."""
-
-
-@dataclass(frozen=True)
-class PulledComposite:
-    """A composite as received (its signature not yet checked against a trusted key)."""
-
-    release: Release
-    statement: CompositeStatement
-    generation: int
-    coordinator_key: bytes
 
 
 class CoordinatorClient:
@@ -97,27 +80,39 @@ class CoordinatorClient:
         """The coordinator's health answer."""
         return self._call("health check", lambda: self._stub.Health(pb.HealthRequest(), timeout=10))
 
-    def pull(self) -> PulledComposite:
-        """Download the current composite and check its content hash (the caller checks the
-        signature against the key it trusts)."""
+    def pull(self) -> SignedComposite:
+        """Download the current composite and check its hashes (the caller checks the
+        signature against the key it trusts: :func:`fedatlas.site_client.trust.accept`)."""
+        source = f"composite stream from {self.address}"
 
-        def download() -> PulledComposite:
+        def download() -> bytes:
             header: pb.CompositeHeader | None = None
-            parts: dict[str, tuple[pb.TensorChunk, bytearray]] = {}
+            buffer = bytearray()
             for chunk in self._stub.GetComposite(pb.GetCompositeRequest(), timeout=self.timeout):
                 if chunk.HasField("header"):
+                    if header is not None:
+                        raise CoordinatorError(f"{source}: a second header")
                     header = chunk.header
+                    if header.total_bytes > MAX_COMPOSITE_BYTES:
+                        raise CoordinatorError(
+                            f"{source}: {header.total_bytes:,} bytes announced, more than the "
+                            f"{MAX_COMPOSITE_BYTES:,} a composite may have"
+                        )
                     continue
-                piece = chunk.tensor
-                first, buffer = parts.setdefault(piece.name, (piece, bytearray()))
-                if piece.offset != len(buffer) or piece.total_bytes != first.total_bytes:
-                    raise CoordinatorError(f"composite stream: tensor {piece.name} out of order")
-                buffer.extend(piece.data)
-            if header is None:
-                raise CoordinatorError("composite stream ended without a header")
-            return _assemble(header, parts, self.address)
+                if header is None or len(buffer) + len(chunk.data) > header.total_bytes:
+                    raise CoordinatorError(f"{source}: data outside the announced composite")
+                buffer.extend(chunk.data)
+            if header is None or len(buffer) != header.total_bytes:
+                raise CoordinatorError(f"{source}: ended before the composite was complete")
+            if digest(bytes(buffer)) != header.sha256:
+                raise CoordinatorError(f"{source}: the bytes do not match the announced SHA-256")
+            return bytes(buffer)
 
-        return self._call("pull", download)
+        data = self._call("pull", download)
+        try:
+            return SignedComposite.decode(data, source=source)
+        except ReleaseError as exc:
+            raise CoordinatorError(str(exc)) from None
 
     def submit(self, bundle: bytes) -> pb.SubmissionStatus:
         """Send serialised bundle bytes (retried unchanged on transient errors)."""
@@ -179,29 +174,3 @@ def _explain(what: str, address: str, code: grpc.StatusCode, details: str | None
     if code == grpc.StatusCode.UNAVAILABLE:
         text += "; check the address, that the coordinator runs, and the --ca certificate"
     return text
-
-
-def _assemble(
-    header: pb.CompositeHeader, parts: dict[str, tuple[pb.TensorChunk, bytearray]], source: str
-) -> PulledComposite:
-    if len(parts) != header.n_tensors:
-        raise CoordinatorError(
-            f"composite stream from {source}: {len(parts)} tensors, header says {header.n_tensors}"
-        )
-    tensors = {}
-    for name, (first, buffer) in parts.items():
-        if len(buffer) != first.total_bytes:
-            raise CoordinatorError(f"composite stream from {source}: tensor {name} incomplete")
-        try:
-            tensors[name] = tensor_from_bytes(name, first.dtype, list(first.shape), bytes(buffer))
-        except BundleError as exc:
-            raise CoordinatorError(f"composite stream from {source}: {exc}") from None
-    release = Release.from_manifest(
-        header.manifest_json, tensors, source=f"composite from {source}"
-    )
-    return PulledComposite(
-        release=release,
-        statement=CompositeStatement(header.statement_json, bytes(header.signature)),
-        generation=int(header.generation),
-        coordinator_key=bytes(header.coordinator_public_key),
-    )

@@ -1,7 +1,10 @@
-"""Which coordinator signing keys a site trusts: pinned on first contact, like ssh host keys.
+"""Which coordinator signing keys a site trusts, and the one check of a received composite.
 
-Pins live in ``$FEDATLAS_HOME/known_coordinators.json`` (``~/.fedatlas`` by default), keyed by
-the coordinator's address. A key given explicitly (``--coordinator-key``) is pinned too.
+Keys are pinned on first contact, like ssh host keys: pins live in
+``$FEDATLAS_HOME/known_coordinators.json`` (``~/.fedatlas`` by default), keyed by the
+coordinator's address. A key given explicitly (``--coordinator-key``) is pinned too. Every
+composite a site uses, pulled over gRPC or received in a Flower campaign or federated build,
+passes :func:`accept`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from pathlib import Path
 
 from fedatlas.shared.errors import FedatlasError
+from fedatlas.shared.model.release import Release
+from fedatlas.shared.wire.composite import SignedComposite
 from fedatlas.shared.wire.signing import fingerprint
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,17 @@ def trusted_key(
         _write(known_file, known)
         log.info("pinned coordinator %s key %s in %s", address, fingerprint(offered), known_file)
     return offered
+
+
+def accept(
+    composite: SignedComposite, address: str, *, known_file: Path, explicit: bytes | None = None
+) -> Release:
+    """The composite's release, once its signature is checked against the key this site trusts
+    for ``address`` (``explicit``, else the pinned key, else the offered one, then pinned)."""
+    key = trusted_key(
+        address, composite.statement.coordinator_key, known_file=known_file, explicit=explicit
+    )
+    return composite.verify(key, source=f"composite from {address}")
 
 
 def _read(path: Path) -> dict[str, dict[str, str]]:

@@ -14,7 +14,7 @@ from conftest import cells_of
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.errors import AdaptorError
 from fedatlas.shared.model.adaptor import Adaptor, compose
-from fedatlas.shared.model.mapping import MappingResult, map_cells
+from fedatlas.shared.model.mapping import MappingOptions, MappingResult, map_onto
 from fedatlas.shared.model.reference import BuildResult
 from fedatlas.shared.model.release import Release
 
@@ -33,8 +33,11 @@ def mapped(
 ) -> dict[str, MappingResult]:
     release = tiny_builds["scpoli"].release
     return {
-        s: map_cells(
-            release, cells_of(a), site_id=s, epochs=4, min_prototype_cells=5, progress=False
+        s: map_onto(
+            release,
+            cells_of(a),
+            MappingOptions(site_id=s, epochs=4, min_prototype_cells=5),
+            progress=False,
         )
         for s, a in site_data.items()
     }
@@ -66,7 +69,9 @@ def test_composite_embeds_each_site_as_its_own_mapping_did(
 ) -> None:
     composite = compose(tiny_builds["scpoli"].release, _adaptors(mapped))
     for site, adata in site_data.items():
-        again = map_cells(composite, cells_of(adata, None), site_id=site, progress=False)
+        again = map_onto(
+            composite, cells_of(adata, None), MappingOptions(site_id=site), progress=False
+        )
         assert all(a.known for a in again.assignments)
         assert again.trained_parameters == 0
         np.testing.assert_allclose(again.latent, mapped[site].latent, rtol=0, atol=1e-5)
@@ -115,7 +120,7 @@ def test_adaptor_size_does_not_grow_with_cells(
     sizes = []
     for n in (100, 2000):
         cells = cells_of(world.sample(n, batches=("grow",), seed=3))
-        result = map_cells(release, cells, site_id="g", epochs=1, progress=False)
+        result = map_onto(release, cells, MappingOptions(site_id="g", epochs=1), progress=False)
         assert result.adaptor is not None
         sizes.append(len(result.adaptor.to_bytes()))
     # only the digits of counts (cells per condition and prototype) may differ
@@ -129,7 +134,9 @@ def test_conflicts_and_foreign_adaptors_are_refused(
 ) -> None:
     release = tiny_builds["scpoli"].release
     first = _adaptors(mapped)[0]
-    twin = map_cells(release, cells_of(site_data["s1"]), site_id="s1", epochs=1, progress=False)
+    twin = map_onto(
+        release, cells_of(site_data["s1"]), MappingOptions(site_id="s1", epochs=1), progress=False
+    )
     assert twin.adaptor is not None
     with pytest.raises(AdaptorError, match="already belongs to adaptor"):
         compose(release, [first, twin.adaptor])

@@ -21,7 +21,7 @@ import pytest
 from fedatlas.benchmarks.cellbench import load_scenario
 from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import build_reference
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
@@ -110,11 +110,10 @@ def scores_for(cellbench_dir: Path, scenario: str, preset: str) -> dict[str, Any
         mapped = []
         for stem, query in data.queries.items():
             started = time.perf_counter()
-            result = map_cells(
+            result = map_onto(
                 release,
                 extract_cells(query, source=stem, batch_key="batch"),
-                site_id=stem,
-                seed=0,
+                MappingOptions(site_id=stem, seed=0),
                 progress=False,
             )
             truth = query.obs["cell_line"].astype(str).to_numpy(dtype=object)

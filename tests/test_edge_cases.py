@@ -14,7 +14,7 @@ from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.errors import InputDataError
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import BuildResult, build_reference
 from fedatlas.shared.model.surgery import moved_tensors
 
@@ -33,7 +33,7 @@ def test_a_batch_with_a_single_cell(
     release = tiny_builds[preset].release
     query = world.sample(41, batches=("main", "single"), seed=22)
     query.obs["batch"] = ["main"] * 40 + ["single"]
-    result = map_cells(release, cells_of(query, None), epochs=2, progress=False)
+    result = map_onto(release, cells_of(query, None), MappingOptions(epochs=2), progress=False)
     assert np.isfinite(result.latent).all()
     assert result.adaptor is not None
     assert result.adaptor.condition_names == ["query/main", "query/single"]
@@ -56,10 +56,10 @@ def test_gene_symbols_with_ids_in_a_var_column(
     adata.var["gene_ids"] = adata.var_names.to_numpy()
     adata.var_names = [f"SYMBOL{i}" for i in range(adata.n_vars)]
     with pytest.raises(InputDataError, match="pass it with --gene-key"):
-        map_cells(release, cells_of(adata, None), epochs=1, progress=False)
+        map_onto(release, cells_of(adata, None), MappingOptions(epochs=1), progress=False)
     by_id = extract_cells(adata, source="site", batch_key="batch", gene_key="gene_ids")
-    result = map_cells(release, by_id, epochs=1, progress=False)
-    plain = map_cells(release, cells_of(query_adata, None), epochs=1, progress=False)
+    result = map_onto(release, by_id, MappingOptions(epochs=1), progress=False)
+    plain = map_onto(release, cells_of(query_adata, None), MappingOptions(epochs=1), progress=False)
     np.testing.assert_array_equal(result.latent, plain.latent)
     with pytest.raises(InputDataError, match="no var column 'ensembl'"):
         extract_cells(adata, source="site", batch_key="batch", gene_key="ensembl")
@@ -69,7 +69,7 @@ def test_a_query_sharing_no_gene(tiny_builds: dict[str, BuildResult], query_adat
     adata = query_adata.copy()
     adata.var_names = [f"other_{i}" for i in range(adata.n_vars)]
     with pytest.raises(InputDataError, match="only 0 of the release's 200 genes"):
-        map_cells(tiny_builds["scpoli"].release, cells_of(adata, None), progress=False)
+        map_onto(tiny_builds["scpoli"].release, cells_of(adata, None), progress=False)
 
 
 def test_partially_labelled_data(
@@ -92,11 +92,10 @@ def test_partially_labelled_data(
     qlabels = query.obs["cell_type"].astype(object).to_numpy()
     qlabels[1::2] = None
     query.obs["cell_type"] = qlabels
-    result = map_cells(
+    result = map_onto(
         tiny_builds["scpoli"].release,
         cells_of(query),
-        epochs=2,
-        min_prototype_cells=5,
+        MappingOptions(epochs=2, min_prototype_cells=5),
         progress=False,
     )
     assert result.adaptor is not None
@@ -111,12 +110,14 @@ def test_a_query_batch_named_like_a_reference_batch(
 ) -> None:
     release = tiny_builds["scarches"].release
     lookalike = reference_adata[reference_adata.obs["batch"] == "r1"].copy()
-    as_new = map_cells(release, cells_of(lookalike, None), epochs=1, progress=False)
+    as_new = map_onto(release, cells_of(lookalike, None), MappingOptions(epochs=1), progress=False)
     assert [a.condition for a in as_new.assignments] == ["query/r1"]
     assert not as_new.assignments[0].known
     assert as_new.trained_parameters > 0
     assert moved_tensors(release, as_new.model) == []  # reference/r1's rows are untouched
-    as_same = map_cells(release, cells_of(lookalike, None), site_id="reference", progress=False)
+    as_same = map_onto(
+        release, cells_of(lookalike, None), MappingOptions(site_id="reference"), progress=False
+    )
     assert as_same.assignments[0].known
     assert as_same.trained_parameters == 0
 
@@ -134,7 +135,11 @@ def test_sparse_dense_and_float_counts_give_the_same_mapping(
     ):
         adata = query_adata.copy()
         adata.X = matrix
-        variants.append(map_cells(release, cells_of(adata, None), epochs=2, progress=False).latent)
+        variants.append(
+            map_onto(
+                release, cells_of(adata, None), MappingOptions(epochs=2), progress=False
+            ).latent
+        )
     for latent in variants[1:]:
         np.testing.assert_array_equal(latent, variants[0])
 
@@ -166,7 +171,9 @@ def test_several_label_levels() -> None:
     assert built.release.label_levels == ["lineage", "cell_type"]
     assert built.release.prototypes("lineage").labels == ("AB", "CD")
     query = world.sample(200, batches=("q",), seed=42)
-    result = map_cells(built.release, cells_of(query, None), epochs=10, progress=False)
+    result = map_onto(
+        built.release, cells_of(query, None), MappingOptions(epochs=10), progress=False
+    )
     assert list(result.transfers) == ["lineage", "cell_type"]
     truth = query.obs["cell_type"].astype(str).to_numpy()
     coarse_truth = np.where(np.isin(truth, ["A", "B"]), "AB", "CD")

@@ -30,9 +30,10 @@ from fedatlas.shared.model.federated import (
     train_federated,
     trunk_problem,
 )
-from fedatlas.shared.model.mapping import map_cells
-from fedatlas.shared.model.nn.vae import TABLE_SUFFIX
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.release import LATENT_TENSOR
+from fedatlas.shared.model.surgery import TABLE_SUFFIX, is_condition_table
+from fedatlas.shared.wire.codec import encode_tensors
 
 TYPES = ("alpha", "beta", "gamma", "delta")
 
@@ -112,7 +113,7 @@ def test_a_federated_build_keeps_every_sites_rows_and_cells_at_the_site(
     # the release: averaged trunk only, no condition, no prototype, no latent of any cell
     assert release.condition_names == []
     assert LATENT_TENSOR not in release.tensors
-    assert not any(k.endswith(TABLE_SUFFIX) and v.shape[0] for k, v in release.tensors.items())
+    assert not any(is_condition_table(k) and v.shape[0] for k, v in release.tensors.items())
     assert len(release.prototypes("cell_type")) == 0
     assert release.content["federated"]["sites"] == ["s1", "s2", "s3"]
     assert len(release.content["federated"]["rounds"]) == plan.rounds
@@ -132,7 +133,7 @@ def test_a_federated_build_keeps_every_sites_rows_and_cells_at_the_site(
     catalogue = composite.prototypes("cell_type")
     assert sorted(set(catalogue.labels)) == sorted(TYPES)
     for site, cells in sites.items():
-        again = map_cells(composite, cells, site_id=site, progress=False)
+        again = map_onto(composite, cells, MappingOptions(site_id=site), progress=False)
         assert again.adaptor is None
         assert again.trained_parameters == 0
         np.testing.assert_allclose(again.latent, result.mappings[site].latent, atol=1e-5)
@@ -214,7 +215,7 @@ def test_a_trunk_that_does_not_fit_is_left_out_of_the_average() -> None:
     def answer(trunk: dict[str, torch.Tensor]) -> Any:
         return SimpleNamespace(
             content={
-                "trunk": SimpleNamespace(to_torch_state_dict=lambda: trunk),
+                "trunk": {"tensors": encode_tensors(trunk)},
                 "federated": {"n-cells": 100, "loss": 1.0},
             }
         )

@@ -19,7 +19,7 @@ from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.cli import main
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.label_transfer import UNKNOWN
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import build_reference
 from fedatlas.shared.model.release import Release
 
@@ -87,11 +87,16 @@ def test_s1_sites_submit_and_a_third_party_maps_as_well_as_offline(
                               batch_key="batch")  # fmt: skip
         truth = _truth(tmp_path, site)
         # the third party holds no labels; the plates' conditions are in the composite
-        result = map_cells(composite, cells, site_id=site, progress=False)
+        result = map_onto(composite, cells, MappingOptions(site_id=site), progress=False)
         assert result.trained_parameters == 0
         federated.append(MappedQuery(stem, truth, result, 0.0))
         offline.append(
-            MappedQuery(stem, truth, map_cells(release, cells, site_id=stem, progress=False), 0.0)
+            MappedQuery(
+                stem,
+                truth,
+                map_onto(release, cells, MappingOptions(site_id=stem), progress=False),
+                0.0,
+            )
         )
     ours, theirs = evaluate(composite, federated), evaluate(release, offline)
     print(f"\nfederated: {ours}\noffline: {theirs}")

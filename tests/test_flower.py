@@ -17,7 +17,7 @@ from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.cli import main
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import build_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.runtime.flower import stop
@@ -110,10 +110,10 @@ def test_a_campaign_registers_every_sites_adaptor(federation: dict[str, object])
         query = queries[stem]
         truth = query.obs["cell_line"].astype(str).to_numpy(object)
         table = extract_cells(query, source=stem, batch_key="batch")
-        federated.append(MappedQuery(stem, truth, map_cells(with_grpc, table, site_id=site,
-                                                            progress=False), 0.0))  # fmt: skip
-        offline.append(MappedQuery(stem, truth, map_cells(release, table, site_id=stem,
-                                                          progress=False), 0.0))  # fmt: skip
+        mapped = map_onto(with_grpc, table, MappingOptions(site_id=site), progress=False)
+        federated.append(MappedQuery(stem, truth, mapped, 0.0))
+        mapped = map_onto(release, table, MappingOptions(site_id=stem), progress=False)
+        offline.append(MappedQuery(stem, truth, mapped, 0.0))
     ours, theirs = evaluate(with_grpc, federated), evaluate(release, offline)
     print(f"\ncampaign composite: {ours}\noffline: {theirs}")
     # measured campaign / offline: accuracy 1.000 / 1.000, macro F1 1.000 / 1.000, kNN purity

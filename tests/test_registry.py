@@ -19,7 +19,7 @@ from fedatlas.coordinator.store import BundleRecord
 from fedatlas.coordinator.verification import REASONS, Policy
 from fedatlas.shared.hashing import content_hash, tensor_index
 from fedatlas.shared.model.adaptor import Adaptor
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import BuildResult
 from fedatlas.shared.model.release import MODEL_PREFIX, Release
 from fedatlas.shared.wire.bundle import make_bundle, parse_bundle
@@ -57,10 +57,8 @@ def adaptors(release: Release, site_cells: dict[str, AnnData]) -> dict[str, Adap
     out = {}
     for name, adata in site_cells.items():
         site = name.split("-")[0]
-        result = map_cells(
-            release, cells_of(adata), site_id=site, epochs=3, min_prototype_cells=10,
-            progress=False,
-        )  # fmt: skip
+        options = MappingOptions(site_id=site, epochs=3, min_prototype_cells=10)
+        result = map_onto(release, cells_of(adata), options, progress=False)
         assert result.adaptor is not None
         out[name] = result.adaptor
     return out

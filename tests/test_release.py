@@ -145,7 +145,7 @@ def test_release_calibrates_the_knn_unknown_threshold(
     from conftest import cells_of
 
     from fedatlas.shared.model.label_transfer import calibrate_knn_threshold
-    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.model.mapping import MappingOptions, map_onto
     from fedatlas.shared.model.reference import build_reference
 
     built = tiny_builds["scarches"]
@@ -166,12 +166,16 @@ def test_release_calibrates_the_knn_unknown_threshold(
     }
     # sites use the threshold of the method they transfer with, unless they set their own
     query = cells_of(query_adata, label_key=None)
-    mapped = map_cells(built.release, query, epochs=2, progress=False)
+    mapped = map_onto(built.release, query, MappingOptions(epochs=2), progress=False)
     assert mapped.unknown_thresholds == {"cell_type": expected}
     assert mapped.transfers["cell_type"].threshold == expected
-    by_prototype = map_cells(built.release, query, epochs=2, transfer="prototype", progress=False)
+    by_prototype = map_onto(
+        built.release, query, MappingOptions(epochs=2, transfer="prototype"), progress=False
+    )
     assert by_prototype.unknown_thresholds == {"cell_type": 0.5}
-    own = map_cells(built.release, query, epochs=2, unknown_threshold=0.3, progress=False)
+    own = map_onto(
+        built.release, query, MappingOptions(epochs=2, unknown_threshold=0.3), progress=False
+    )
     assert own.unknown_thresholds == {"cell_type": 0.3}
     # an operator's threshold replaces the default method's, and must be a probability
     fixed = build_reference(
@@ -197,7 +201,7 @@ def test_knn_thresholds_are_calibrated_per_label_level(
 
     from fedatlas.shared.data.dataset import extract_cells
     from fedatlas.shared.model.label_transfer import calibrate_knn_threshold
-    from fedatlas.shared.model.mapping import map_cells
+    from fedatlas.shared.model.mapping import MappingOptions, map_onto
     from fedatlas.shared.model.reference import build_reference
 
     adata = reference_adata.copy()
@@ -220,7 +224,9 @@ def test_knn_thresholds_are_calibrated_per_label_level(
     # measured: cell_type 0.020, subtype 0.500 (each neighbourhood is about half the other half)
     assert thresholds["subtype"] > thresholds["cell_type"] + 0.3
 
-    mapped = map_cells(built.release, cells_of(query_adata, None), epochs=2, progress=False)
+    mapped = map_onto(
+        built.release, cells_of(query_adata, None), MappingOptions(epochs=2), progress=False
+    )
     assert mapped.unknown_thresholds == thresholds
     seen = query_adata.obs["cell_type"].to_numpy() != "D"
     fine = mapped.transfers["subtype"]

@@ -17,7 +17,7 @@ from processes import fedatlas
 from fedatlas.cli import main
 from fedatlas.shared.data.h5ad import write_h5ad
 from fedatlas.shared.model.annotations import annotate
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import build_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.site_client.report import write_report
@@ -33,8 +33,11 @@ def _release_and_mapping(
         cells_of(reference), preset=preset, epochs=3, n_top_genes=150, seed=0, progress=False
     )
     release_dir = built.release.save(root / f"{preset}-release")
-    result = map_cells(
-        built.release, cells_of(query, None), site_id="site1", epochs=2, progress=False
+    result = map_onto(
+        built.release,
+        cells_of(query, None),
+        MappingOptions(site_id="site1", epochs=2),
+        progress=False,
     )
     mapped = query.copy()
     annotate(mapped, result)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,21 @@ from fedatlas.coordinator.store import (
     AuditEntry,
     BundleRecord,
     CompositeRecord,
+    SiteRecord,
     SQLiteStore,
     StoreError,
     audit_entry_hash,
     utc_now,
 )
-from fedatlas.shared.hashing import digest
+from fedatlas.coordinator.store import sqlite as sqlite_store
+from fedatlas.coordinator.store.records import (
+    ReleaseRecord,
+    StoreBusyError,
+    StoreConflictError,
+    StoreNotFoundError,
+)
+from fedatlas.coordinator.store.rows import describe, record_from_row
+from fedatlas.shared.hashing import canonical_json, digest
 
 OP = "operator:alice"
 KEY1 = bytes(range(32))
@@ -239,17 +249,17 @@ def test_enroll_and_revoke_rules(store: SQLiteStore) -> None:
         "enrolled",
         "",
     )
-    with pytest.raises(StoreError, match="already exists"):
+    with pytest.raises(StoreConflictError, match="already exists"):
         store.enroll_site("s1", KEY2, "", actor=OP)
     revoked = store.revoke_site("s1", actor=OP, reason="compromised")
     assert revoked.status == "revoked"
     assert revoked.revoked_at
     assert store.get_site("s1") == revoked
-    with pytest.raises(StoreError, match="already revoked"):
+    with pytest.raises(StoreConflictError, match="already revoked"):
         store.revoke_site("s1", actor=OP, reason="again")
-    with pytest.raises(StoreError, match="never reused"):
+    with pytest.raises(StoreConflictError, match="never reused"):
         store.enroll_site("s1", KEY1, "", actor=OP)
-    with pytest.raises(StoreError, match="not enrolled"):
+    with pytest.raises(StoreNotFoundError, match="not enrolled"):
         store.revoke_site("nobody", actor=OP, reason="?")
     store.enroll_site("a0", b"k", "", actor=OP)
     assert [s.site_id for s in store.list_sites()] == ["a0", "s1", "s2"]
@@ -265,7 +275,7 @@ def test_enroll_and_revoke_rules(store: SQLiteStore) -> None:
 
 # --------------------------------------------------------------------------- releases
 def test_releases(store: SQLiteStore) -> None:
-    with pytest.raises(StoreError, match="already published"):
+    with pytest.raises(StoreConflictError, match="already published"):
         store.add_release("r1", "{}", b"", actor=OP)
     second = store.add_release("r2", '{"release": 2}', b"weights-2", actor=OP)
     current = store.current_release()
@@ -311,23 +321,32 @@ def test_add_bundle_registers_bundle_conditions_and_audit(store: SQLiteStore) ->
 
 
 @pytest.mark.parametrize(
-    ("bundle", "message"),
+    ("bundle", "error", "message"),
     [
-        (make_bundle("b2", nonce=b"nonce-b1"), "already used nonce"),
-        (make_bundle("b2", conditions=("s1/new", "s1/a")), "condition 's1/a' already belongs"),
-        (make_bundle("b1", nonce=b"fresh", conditions=("s1/z",)), "already registered"),
-        (make_bundle("b2", site_id="ghost"), "not enrolled"),
-        (make_bundle("b2", state="rejected"), "accepted or held"),
-        (make_bundle("b2", conditions=("s1/x", "s1/x")), "more than once"),
+        (make_bundle("b2", nonce=b"nonce-b1"), StoreConflictError, "already used nonce"),
+        (
+            make_bundle("b2", conditions=("s1/new", "s1/a")),
+            StoreConflictError,
+            "condition 's1/a' already belongs",
+        ),
+        (
+            make_bundle("b1", nonce=b"fresh", conditions=("s1/z",)),
+            StoreConflictError,
+            "already registered",
+        ),
+        (make_bundle("b2", site_id="ghost"), StoreNotFoundError, "not enrolled"),
+        (make_bundle("b2", state="rejected"), StoreError, "accepted or held"),
+        (make_bundle("b2", conditions=("s1/x", "s1/x")), StoreError, "more than once"),
     ],
 )
 def test_refused_bundle_leaves_store_unchanged(
-    store: SQLiteStore, bundle: BundleRecord, message: str
+    store: SQLiteStore, bundle: BundleRecord, error: type[StoreError], message: str
 ) -> None:
     store.add_bundle(make_bundle("b1", conditions=("s1/a",)), actor="site:s1")
     before = store.snapshot()
-    with pytest.raises(StoreError, match=message):
+    with pytest.raises(StoreError, match=message) as info:
         store.add_bundle(bundle, actor="site:s1")
+    assert type(info.value) is error
     assert store.snapshot() == before
     assert store.condition_owner("s1/new") is None
     assert store.verify_audit() == []
@@ -358,11 +377,11 @@ def test_decide_bundle(store: SQLiteStore) -> None:
     assert store.condition_owner("s1/b") == ("s2", "b4")
 
     before = store.snapshot()
-    with pytest.raises(StoreError, match="only a held bundle"):
+    with pytest.raises(StoreConflictError, match="only a held bundle"):
         store.decide_bundle("b1", "rejected", actor=OP, reason="changed my mind")
-    with pytest.raises(StoreError, match="only a held bundle"):
+    with pytest.raises(StoreConflictError, match="only a held bundle"):
         store.decide_bundle("b2", "accepted", actor=OP, reason="")
-    with pytest.raises(StoreError, match="not registered"):
+    with pytest.raises(StoreNotFoundError, match="not registered"):
         store.decide_bundle("nope", "accepted", actor=OP, reason="")
     with pytest.raises(StoreError, match="'accepted' or 'rejected'"):
         store.decide_bundle("b3", "held", actor=OP, reason="")
@@ -394,9 +413,11 @@ def test_composite_generations_increase_by_one(store: SQLiteStore) -> None:
     first = store.add_composite(make_composite(1), actor=OP)
     assert first.created_at
     before = store.snapshot()
-    for generation in (1, 3, 0):
-        with pytest.raises(StoreError, match="next generation is 2"):
+    # only a generation already published is a conflict; a skipped or zero one is a plain refusal
+    for generation, error in ((1, StoreConflictError), (3, StoreError), (0, StoreError)):
+        with pytest.raises(StoreError, match="next generation is 2") as info:
             store.add_composite(make_composite(generation), actor=OP)
+        assert type(info.value) is error
     assert store.snapshot() == before
     second = store.add_composite(make_composite(2, ("b1", "b2")), actor=OP)
     assert store.latest_composite() == second
@@ -406,6 +427,189 @@ def test_composite_generations_increase_by_one(store: SQLiteStore) -> None:
     assert payload["bundle_ids"] == ["b1", "b2"]
     assert payload["signature"] == second.signature.hex()
     assert payload["statement_sha256"] == digest(second.statement_json.encode())
+
+
+# --------------------------------------------------------------------------- rows, audit payloads
+AT = "2025-01-31T12:00:00+00:00"
+LATER = "2025-02-01T08:30:00+00:00"
+
+# One record of each kind (with the columns its payload pins that are no record field) and the
+# audit payload the hand-written descriptors of schema version 1 gave it. Stored registries verify
+# only while these stay byte-for-byte the same.
+PINNED_PAYLOADS: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
+    "site": (
+        SiteRecord("s1", bytes(range(4)), "node-key", "revoked", AT, LATER),
+        {},
+        {
+            "site_id": "s1",
+            "public_key": "00010203",
+            "node_public_key": "node-key",
+            "status": "revoked",
+            "enrolled_at": AT,
+            "revoked_at": LATER,
+        },
+    ),
+    "release": (
+        ReleaseRecord("r1", '{"release": "\u00fc"}', b"\x00weights\xff", AT, 3),
+        {},
+        {
+            "release_id": "r1",
+            "sequence": 3,
+            "manifest_sha256": (
+                "sha256:1f854f0cd9ba5cec37d3f01450a4d89fb9ec64f918c9ea1b1047c19ecd2df67c"
+            ),
+            "weights_sha256": (
+                "sha256:69643d247dae505ea8f01b48248a131aa81d0594a78b67eb33aaa59afc6ab524"
+            ),
+            "published_at": AT,
+        },
+    ),
+    "bundle": (
+        BundleRecord(
+            "b1",
+            "s1",
+            "r1",
+            b"\x0f\xa0",
+            ("s1/a", "s1/b"),
+            "accepted",
+            b"adaptor\x00blob",
+            AT,
+            LATER,
+            OP,
+            "reviewed",
+        ),
+        {"arrival": 7},
+        {
+            "bundle_id": "b1",
+            "arrival": 7,
+            "site_id": "s1",
+            "release_id": "r1",
+            "nonce": "0fa0",
+            "conditions": ["s1/a", "s1/b"],
+            "state": "accepted",
+            "blob_sha256": (
+                "sha256:016706d1c413fa906e3a98e065806245b98d5c969aa94ba9bc871a92b40203ef"
+            ),
+            "received_at": AT,
+            "decided_at": LATER,
+            "decided_by": OP,
+            "reason": "reviewed",
+        },
+    ),
+    "composite": (
+        CompositeRecord(
+            2,
+            "sha256:" + "c" * 64,
+            "r1",
+            ("b1", "b3"),
+            '{"composite": 2}',
+            '{"statement": "\u00fc"}',
+            b"\x01\xfe",
+            AT,
+        ),
+        {},
+        {
+            "generation": 2,
+            "content_hash": "sha256:" + "c" * 64,
+            "base_release_id": "r1",
+            "bundle_ids": ["b1", "b3"],
+            "manifest_sha256": (
+                "sha256:93280f9b814e60d78da31a161bd5a6e80e808ceb6940b3c9a0406dbfdf3afd13"
+            ),
+            "statement_sha256": (
+                "sha256:d833cf6ad3930ada62f89e8aa770366824283b6588c09ed5c9f9baaaeeab1d12"
+            ),
+            "signature": "01fe",
+            "created_at": AT,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PINNED_PAYLOADS))
+def test_audit_payloads_are_pinned(kind: str) -> None:
+    record, unmapped, expected = PINNED_PAYLOADS[kind]
+    described = describe(record, **unmapped)
+    assert described == expected
+    assert canonical_json(described) == canonical_json(expected)
+
+
+def test_records_round_trip_through_sqlite(store: SQLiteStore) -> None:
+    site = store.enroll_site("s\u00e9", bytes([0, 255]) * 16, "", actor=OP)
+    release = store.add_release("r2", '{"\u00fc": 1}', b"\x00" * 3, actor=OP)
+    bundle = store.add_bundle(
+        make_bundle("b1", site_id=site.site_id, conditions=(), blob=b"\x00\x01"), actor=OP
+    )
+    composite = store.add_composite(
+        replace(make_composite(1, ()), manifest_json='{"\u00e9": 2}'), actor=OP
+    )
+    assert store.get_site(site.site_id) == site
+    assert store.get_release("r2") == release
+    assert store.get_bundle("b1") == bundle
+    assert store.get_composite(1) == composite
+    assert store.verify_audit() == []
+
+
+@pytest.mark.parametrize(
+    ("statement", "unreadable"),
+    [
+        (
+            "UPDATE bundles SET conditions = 'not json' WHERE bundle_id = 'b1'",
+            "bundles row 'b1': unreadable (Expecting value",
+        ),
+        (
+            "UPDATE bundles SET conditions = '[1, 2]' WHERE bundle_id = 'b1'",
+            "bundles row 'b1': unreadable (conditions is not a JSON list of strings)",
+        ),
+        (
+            "UPDATE bundles SET nonce = 'text' WHERE bundle_id = 'b3'",
+            "bundles row 'b3': unreadable",
+        ),
+        (
+            "UPDATE composites SET bundle_ids = '{}' WHERE generation = 1",
+            "composites row 1: unreadable (bundle_ids is not a JSON list of strings)",
+        ),
+        ("UPDATE sites SET public_key = 'text' WHERE site_id = 's1'", "sites row 's1': unreadable"),
+    ],
+)
+def test_malformed_stored_value_is_reported_unreadable(
+    populated: SQLiteStore, db: Path, statement: str, unreadable: str
+) -> None:
+    connection = raw(db)
+    connection.execute(statement)
+    connection.close()
+    problems = populated.verify_audit()
+    assert any(problem.startswith(unreadable) for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("sequence", "error"), [("7", None), ("seven", ValueError), (None, TypeError)]
+)
+def test_record_from_row_converts_by_annotated_type(
+    sequence: object, error: type[Exception] | None
+) -> None:
+    connection = sqlite3.connect(":memory:")
+    connection.row_factory = sqlite3.Row
+    row = connection.execute(
+        "SELECT 'r1' AS release_id, '{}' AS manifest_json, x'00' AS weights, "
+        "'' AS published_at, ? AS sequence",
+        (sequence,),
+    ).fetchone()
+    connection.close()
+    if error is None:
+        assert record_from_row(ReleaseRecord, row) == ReleaseRecord("r1", "{}", b"\x00", "", 7)
+    else:
+        with pytest.raises(error):
+            record_from_row(ReleaseRecord, row)
+
+
+def test_record_field_without_a_column_type_is_refused() -> None:
+    @dataclass(frozen=True)
+    class Measurement:
+        value: float
+
+    with pytest.raises(TypeError, match="field value: no SQLite column type"):
+        describe(Measurement(1.5))
 
 
 # --------------------------------------------------------------------------- audit chain
@@ -594,10 +798,10 @@ def test_two_stores_on_one_file_see_each_others_writes(store: SQLiteStore, db: P
         assert store.get_site("s3") is not None
         store.add_bundle(make_bundle("b1", site_id="s3"), actor="site:s3")
         assert other.condition_owner("s3/b1") == ("s3", "b1")
-        with pytest.raises(StoreError, match="already belongs"):
+        with pytest.raises(StoreConflictError, match="already belongs"):
             other.add_bundle(make_bundle("b2", conditions=("s3/b1",)), actor="site:s1")
         other.add_composite(make_composite(1), actor=OP)
-        with pytest.raises(StoreError, match="next generation is 2"):
+        with pytest.raises(StoreConflictError, match="next generation is 2"):
             store.add_composite(make_composite(1), actor=OP)
         assert other.snapshot() == store.snapshot()
         assert store.verify_audit() == []
@@ -622,6 +826,21 @@ def test_concurrent_writers_keep_one_chain(store: SQLiteStore, db: Path) -> None
     assert errors == []
     assert len(store.list_bundles()) == 30
     assert store.verify_audit() == []
+
+
+def test_busy_registry_raises_store_busy_error(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.05)
+    with SQLiteStore.create(db) as created:
+        holder = raw(db)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(StoreBusyError, match="is busy"):
+                created.set_meta("k", "v", actor=OP)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        created.set_meta("k", "v", actor=OP)
+        assert created.verify_audit() == []
 
 
 class FailingAuditStore(SQLiteStore):

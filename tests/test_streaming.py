@@ -7,6 +7,7 @@ import json
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import h5py
@@ -19,9 +20,10 @@ from conftest import cells_of
 import fedatlas.shared.model.streaming as streaming
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.cli import main
+from fedatlas.shared.data.dataset import DataSource
 from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.errors import InputDataError
-from fedatlas.shared.model.mapping import MappingResult, map_cells
+from fedatlas.shared.model.mapping import MappingOptions, MappingResult, map_onto
 from fedatlas.shared.model.reference import BuildResult
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.model.streaming import map_h5ad, training_rows
@@ -32,12 +34,19 @@ ATOL = 1e-5
 ADDED_OBS = ["fedatlas_label", "fedatlas_uncertainty", "fedatlas_unknown"]
 
 
-def _stream(release: Release, data: Path, out: Path, **options: object) -> MappingResult:
-    settings: dict[str, object] = {
-        "batch_key": "batch", "label_keys": ["cell_type"], "chunk_cells": 7, "site_id": "s",
-        "epochs": 3, "seed": 1, "progress": False,
-    }  # fmt: skip
-    return map_h5ad(release, data, out, **{**settings, **options})
+def _stream(
+    release: Release,
+    data: Path,
+    out: Path | None,
+    *,
+    chunk_cells: int = 7,
+    label_keys: tuple[str, ...] = ("cell_type",),
+    layer: str | None = None,
+    **options: Any,
+) -> MappingResult:
+    source = DataSource(data, "batch", label_keys, layer=layer)
+    settings = MappingOptions(**{"site_id": "s", "epochs": 3, "seed": 1, **options})
+    return map_h5ad(release, source, settings, out=out, chunk_cells=chunk_cells, progress=False)
 
 
 @pytest.fixture
@@ -59,7 +68,7 @@ def test_streaming_matches_in_memory(
 ) -> None:
     release = tiny_builds[preset].release
     cells = cells_of(read_h5ad(query_file))
-    loaded = map_cells(release, cells, site_id="s", epochs=3, seed=1, progress=False)
+    loaded = map_onto(release, cells, MappingOptions(site_id="s", epochs=3, seed=1), progress=False)
     streamed = _stream(release, query_file, tmp_path / "out.h5ad")
 
     np.testing.assert_allclose(streamed.latent, loaded.latent, rtol=0, atol=ATOL)
@@ -182,7 +191,7 @@ def test_dense_counts_in_a_layer_stream(
     release = tiny_builds["scpoli"].release
     streamed = _stream(release, tmp_path / "dense.h5ad", tmp_path / "out.h5ad", layer="raw")
     cells = cells_of(query_adata)
-    loaded = map_cells(release, cells, site_id="s", epochs=3, seed=1, progress=False)
+    loaded = map_onto(release, cells, MappingOptions(site_id="s", epochs=3, seed=1), progress=False)
     np.testing.assert_allclose(streamed.latent, loaded.latent, rtol=0, atol=ATOL)
 
 
@@ -229,7 +238,7 @@ def test_cli_streams_above_the_threshold_and_matches_loading(
     )
     assert streamed.obs["fedatlas_label"].equals(loaded.obs["fedatlas_label"])
     assert main([*common, "--out", str(tmp_path / "x.h5ad"), "--chunk-size", "-1"]) == 2
-    assert "--chunk-size must be >= 0" in capsys.readouterr().err
+    assert "chunk size must be >= 0" in capsys.readouterr().err
 
 
 # Per-cell state a streaming map keeps: latent (10 x 4 B), label pointer (8 B), uncertainty (4 B),
@@ -264,7 +273,7 @@ def test_streaming_memory_does_not_grow_with_the_count_matrix(
     def stream(n: int) -> int:
         return _peak_bytes(
             lambda: _stream(
-                release, files[n], tmp_path / "out.h5ad", label_keys=[], chunk_cells=500,
+                release, files[n], tmp_path / "out.h5ad", label_keys=(), chunk_cells=500,
                 train_cells=300, epochs=1,
             )
         )  # fmt: skip
@@ -272,7 +281,7 @@ def test_streaming_memory_does_not_grow_with_the_count_matrix(
     def load(n: int) -> int:
         def run() -> None:
             cells = cells_of(ad.read_h5ad(files[n]), None)
-            map_cells(release, cells, site_id="s", epochs=1, progress=False)
+            map_onto(release, cells, MappingOptions(site_id="s", epochs=1), progress=False)
 
         return _peak_bytes(run)
 

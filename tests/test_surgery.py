@@ -8,7 +8,7 @@ import torch
 from anndata import AnnData
 from conftest import cells_of
 
-from fedatlas.shared.model.mapping import map_cells
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.model.reference import BuildResult
 from fedatlas.shared.model.surgery import assert_frozen, moved_tensors, operate
 
@@ -22,7 +22,9 @@ def test_mapping_leaves_every_release_tensor_bit_identical(
     release = tiny_builds[preset].release
     # Train for real, with the preset's weight decay, dropout and batch-norm settings in place;
     # scalex trains its DSBN scale and shift when given epochs.
-    result = map_cells(release, cells_of(query_adata, None), epochs=6, progress=False)
+    result = map_onto(
+        release, cells_of(query_adata, None), MappingOptions(epochs=6), progress=False
+    )
     assert moved_tensors(release, result.model) == []
     assert result.fit is not None
     assert result.fit.epochs == 6
@@ -44,7 +46,9 @@ def test_trained_rows_actually_moved(
     release = tiny_builds["scpoli"].release
     untrained = operate(release, 2).embedding
     assert untrained is not None
-    result = map_cells(release, cells_of(query_adata, None), epochs=6, progress=False)
+    result = map_onto(
+        release, cells_of(query_adata, None), MappingOptions(epochs=6), progress=False
+    )
     trained = result.model.embedding
     assert trained is not None
     assert not torch.equal(trained.fresh, untrained.fresh)
@@ -69,14 +73,16 @@ def test_scalex_projection_needs_no_training(
     tiny_builds: dict[str, BuildResult], query_adata: AnnData
 ) -> None:
     release = tiny_builds["scalex"].release
-    result = map_cells(release, cells_of(query_adata, None), progress=False)
+    result = map_onto(release, cells_of(query_adata, None), progress=False)
     assert result.trained_parameters == 0
     assert result.adaptor is not None  # the new DSBN branches (statistics estimated in one pass)
     rows = result.adaptor.table_rows()
     assert rows["dsbn.running_mean.table"].shape == (2, release.model_config.n_genes)
     assert torch.isfinite(rows["dsbn.running_var.table"]).all()
     # the encoder is condition-free: the latent does not depend on the batch assignment
-    other = map_cells(release, cells_of(query_adata, None), site_id="elsewhere", progress=False)
+    other = map_onto(
+        release, cells_of(query_adata, None), MappingOptions(site_id="elsewhere"), progress=False
+    )
     np.testing.assert_array_equal(result.latent, other.latent)
 
 
@@ -84,8 +90,11 @@ def test_known_batches_are_only_embedded(
     tiny_builds: dict[str, BuildResult], reference_adata: AnnData
 ) -> None:
     build = tiny_builds["scpoli"]
-    result = map_cells(
-        build.release, cells_of(reference_adata), site_id="reference", progress=False
+    result = map_onto(
+        build.release,
+        cells_of(reference_adata),
+        MappingOptions(site_id="reference"),
+        progress=False,
     )
     assert all(a.known for a in result.assignments)
     assert result.fit is None

@@ -10,7 +10,7 @@ import pytest
 
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.runtime.virtual_sites import read_sites_file, virtual_site, write_federation
-from fedatlas.site_client.campaign import site_settings
+from fedatlas.site_client.node import NodeSettings
 
 
 def _sites_file(root: Path, entries: object) -> Path:
@@ -55,13 +55,18 @@ def test_a_bad_sites_file_is_refused_with_the_reason(
 
 
 def test_a_partition_plays_its_entry_of_the_federation(tmp_path: Path) -> None:
-    sites = read_sites_file(_sites_file(tmp_path, [_entry("a"), _entry("b")]))
+    sites = read_sites_file(_sites_file(tmp_path, [_entry("a"), _entry("b", **{"chunk-size": 9})]))
+    for site in sites:  # what `coordinator simulate` adds to each entry
+        site.update({"superlink": "simulation", "known-coordinators": str(tmp_path / "k.json")})
     write_federation(tmp_path / "federation.json", sites)
     context = SimpleNamespace(
         node_config={"partition-id": 1, "num-partitions": 2},
         run_config={"simulation-sites": str(tmp_path / "federation.json")},
     )
-    assert site_settings(context)["site-id"] == "b"
+    played = NodeSettings.of(context)  # type: ignore[arg-type]
+    assert played.site_id == "b"
+    assert played.options.chunk_size == 9
+    assert played.source.path == tmp_path / "b.h5ad"
     with pytest.raises(ConfigError, match="no virtual site for partition 2"):
         virtual_site(tmp_path / "federation.json", 2)
 
@@ -71,6 +76,10 @@ def test_a_real_supernodes_own_configuration_wins(tmp_path: Path) -> None:
         node_config={"site-id": "h1", "partition-id": 0},
         run_config={"simulation-sites": str(tmp_path / "absent.json")},
     )
-    assert site_settings(context)["site-id"] == "h1"
+    with pytest.raises(KeyError):  # the node's own configuration is read, not the file
+        NodeSettings.of(context)  # type: ignore[arg-type]
+    own = {**context.node_config, "data": "d.h5ad", "batch-key": "batch", "key": "site.key",
+           "superlink": "coordinator:9092", "known-coordinators": "known.json"}  # fmt: skip
+    assert NodeSettings.of(SimpleNamespace(node_config=own, run_config={})).site_id == "h1"  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no site configuration"):
-        site_settings(SimpleNamespace(node_config={}, run_config={"simulation-sites": ""}))
+        NodeSettings.of(SimpleNamespace(node_config={}, run_config={"simulation-sites": ""}))  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from fedatlas.shared.evaluation.metrics import (
     unknown_auroc,
 )
 from fedatlas.shared.model.label_transfer import UNKNOWN
-from fedatlas.shared.model.mapping import MappingResult, map_cells
+from fedatlas.shared.model.mapping import MappingOptions, MappingResult, map_onto
 from fedatlas.shared.model.release import Release
 
 
@@ -69,7 +69,7 @@ class ReferenceCells:
         federated release keeps no reference cells; for scoring only)."""
         latents, labels, batches = [], [], []
         for site, cells in sites.items():
-            result = map_cells(release, cells, site_id=site, progress=False)
+            result = map_onto(release, cells, MappingOptions(site_id=site), progress=False)
             if result.adaptor is not None:
                 raise ConfigError(f"site {site}: its batches are not all in the release")
             latents.append(result.latent)
@@ -92,7 +92,7 @@ def map_and_evaluate(
     for name, query in queries.items():
         started = time.perf_counter()
         cells = extract_cells(query, source=name, batch_key=batch_key)
-        result = map_cells(release, cells, site_id=name, progress=False)
+        result = map_onto(release, cells, MappingOptions(site_id=name), progress=False)
         truth = query.obs[label_key].astype(str).to_numpy(dtype=object)
         mapped.append(MappedQuery(name, truth, result, time.perf_counter() - started))
     return evaluate(release, mapped, reference=reference)

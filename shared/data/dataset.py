@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -11,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
+from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.data.preprocessing import as_count_matrix
 from fedatlas.shared.errors import InputDataError
 
@@ -30,6 +32,32 @@ class CellTable:
     def n_cells(self) -> int:
         """Number of cells."""
         return int(self.counts.shape[0])
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a dataset's cells are and how to read them: an ``.h5ad`` file, its batch column,
+    its label columns (primary level first), the layer with raw counts (None: X) and the var
+    column with gene identifiers (None: var_names)."""
+
+    path: Path
+    batch_key: str
+    label_keys: tuple[str, ...] = ()
+    layer: str | None = None
+    gene_key: str | None = None
+
+    def load(self) -> tuple[ad.AnnData, CellTable]:
+        """The whole file in memory and its validated cells."""
+        adata = read_h5ad(self.path)
+        cells = extract_cells(
+            adata,
+            source=str(self.path),
+            batch_key=self.batch_key,
+            label_keys=self.label_keys,
+            layer=self.layer,
+            gene_key=self.gene_key,
+        )
+        return adata, cells
 
 
 def extract_cells(

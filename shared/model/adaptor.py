@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import torch
 from torch import Tensor
 
-from fedatlas.shared.errors import AdaptorError
+from fedatlas.shared.errors import AdaptorError, AdaptorHashError
 from fedatlas.shared.hashing import canonical_json, tensor_digest, tensor_index
+from fedatlas.shared.model import surgery
 from fedatlas.shared.model.artifact import Artifact
-from fedatlas.shared.model.nn.vae import TABLE_SUFFIX, CondVAE
+from fedatlas.shared.model.nn.vae import CondVAE
 from fedatlas.shared.model.prototypes import PrototypeSet, merge_prototype_sets
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
 
@@ -112,9 +112,11 @@ class Adaptor(Artifact):
             raise AdaptorError(f"{source}: tensors do not match the adaptor's index")
         for name, entry in index.items():
             if tensor_digest(tensors[name]) != entry.get("sha256"):
-                raise AdaptorError(f"{source}: tensor {name!r} does not match its recorded hash")
+                raise AdaptorHashError(
+                    f"{source}: tensor {name!r} does not match its recorded hash"
+                )
         if adaptor.content_hash != claimed_hash:
-            raise AdaptorError(f"{source}: content hash mismatch; the adaptor was modified")
+            raise AdaptorHashError(f"{source}: content hash mismatch; the adaptor was modified")
         return adaptor
 
     @classmethod
@@ -151,14 +153,13 @@ def extract_adaptor(
     ``conditions`` lists (name, n_cells) of the site's new conditions, in the model's row order
     after the release's known conditions; ``prototypes`` has one set per release label level.
     """
-    n_known = len(release.condition_names)
-    n_new = len(conditions)
     tensors: dict[str, Tensor] = {}
-    for name, table in model.condition_tables().items():
-        full = table.table().detach()
-        if full.shape[0] != n_known + n_new:
-            raise AdaptorError(f"table {name}: {full.shape[0]} rows, expected {n_known + n_new}")
-        tensors[MODEL_PREFIX + name + TABLE_SUFFIX] = full[n_known:].clone().contiguous()
+    for name, rows in surgery.new_rows(model, len(release.condition_names)).items():
+        if rows.shape[0] != len(conditions):
+            raise AdaptorError(
+                f"table {name}: {rows.shape[0]} new rows, expected {len(conditions)}"
+            )
+        tensors[MODEL_PREFIX + name] = rows
     levels = release.label_levels
     for i, pset in enumerate(prototypes):
         tensors.update(pset.to_tensors(prototype_prefix(i)))
@@ -183,7 +184,7 @@ def compose(release: Release, adaptors: Sequence[Adaptor]) -> Release:
     fit, or claims a condition the release or another adaptor already has.
     """
     owner: dict[str, str] = dict.fromkeys(release.condition_names, "the release")
-    base_tables = {k: v for k, v in release.model_tensors().items() if k.endswith(TABLE_SUFFIX)}
+    base_tables = surgery.split(release.model_tensors())[1]
     rows: dict[str, tuple[Adaptor, int]] = {}
     for adaptor in adaptors:
         label = f"adaptor {adaptor.content_hash[:19]} (site {adaptor.site_id})"
@@ -210,11 +211,11 @@ def compose(release: Release, adaptors: Sequence[Adaptor]) -> Release:
             rows[name] = (adaptor, i)
     new_names = sorted(rows)
     tensors = dict(release.tensors)
-    for name, base in base_tables.items():
-        parts = [base] + [
-            rows[c][0].table_rows()[name][rows[c][1] : rows[c][1] + 1] for c in new_names
-        ]
-        tensors[MODEL_PREFIX + name] = torch.cat(parts, dim=0).contiguous()
+    picked = [rows[c] for c in new_names]  # (adaptor, its row) of each new condition, in order
+    appended = surgery.append_rows(
+        base_tables, [{k: v[i : i + 1] for k, v in a.table_rows().items()} for a, i in picked]
+    )
+    tensors.update({MODEL_PREFIX + name: table for name, table in appended.items()})
     content = json.loads(canonical_json(release.content))
     content["kind"] = "composite"
     by_name = {c["name"]: c for a in adaptors for c in a.content["conditions"]}

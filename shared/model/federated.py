@@ -46,11 +46,12 @@ from fedatlas.shared.data.genes import align_genes
 from fedatlas.shared.data.preprocessing import GeneVotes, combine_gene_votes, gene_votes
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.model.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
-from fedatlas.shared.model.mapping import MappingResult, map_cells
-from fedatlas.shared.model.nn.vae import TABLE_SUFFIX, CondVAE
+from fedatlas.shared.model.mapping import MappingOptions, MappingResult, map_onto
+from fedatlas.shared.model.nn.vae import CondVAE
 from fedatlas.shared.model.prototypes import PrototypeSet
 from fedatlas.shared.model.reference import reference_content, release_provenance
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix, transfer_levels
+from fedatlas.shared.model.surgery import export_tensors, load_trunk, trunk_of
 from fedatlas.shared.model.training import PrototypeTargets, TrainingData, fit
 
 log = logging.getLogger(__name__)
@@ -167,28 +168,6 @@ class FederatedPlan:
         if unknown:
             raise ConfigError(f"unknown federated plan field(s): {', '.join(unknown)}")
         return cls(**values)
-
-
-def trunk_of(model: CondVAE) -> Trunk:
-    """The shared part of ``model``: every exported tensor except condition tables."""
-    return {k: v for k, v in model.export_tensors().items() if not k.endswith(TABLE_SUFFIX)}
-
-
-def load_trunk(model: CondVAE, trunk: Mapping[str, Tensor]) -> None:
-    """Overwrite ``model``'s trunk in place (condition tables untouched)."""
-    state = model.state_dict()
-    expected = set(trunk_of(model))
-    if set(trunk) != expected:
-        raise ValueError(
-            f"trunk tensors differ: missing {sorted(expected - set(trunk))}, "
-            f"unexpected {sorted(set(trunk) - expected)}"
-        )
-    with torch.no_grad():
-        for name, value in trunk.items():
-            if state[name].shape != value.shape:
-                raise ValueError(f"trunk tensor {name}: shape {tuple(value.shape)} expected "
-                                 f"{tuple(state[name].shape)}")  # fmt: skip
-            state[name].copy_(value)
 
 
 def initial_trunk(plan: FederatedPlan, n_genes: int) -> Trunk:
@@ -324,9 +303,11 @@ class SiteTrainer:
             if labels is not None and release.label_levels
             else {},
         )
-        return map_cells(
-            release, cells, site_id=self.site_id, epochs=self.plan.finish_epochs,
-            seed=self.plan.seed, initial_rows=self.rows or None, source=self.site_id,
+        options = MappingOptions(
+            site_id=self.site_id, epochs=self.plan.finish_epochs, seed=self.plan.seed
+        )
+        return map_onto(
+            release, cells, options, initial_rows=self.rows or None, source=self.site_id,
             progress=progress,
         )  # fmt: skip
 
@@ -381,7 +362,7 @@ def federated_release(
     load_trunk(model, trunk)
     model.freeze_all()
     latent_dim = model.config.latent_dim
-    tensors = {MODEL_PREFIX + k: v for k, v in model.export_tensors().items()}
+    tensors = {MODEL_PREFIX + k: v for k, v in export_tensors(model).items()}
     levels = [plan.label_level] if plan.label_level else []
     empty = PrototypeSet.empty(latent_dim)
     for i in range(len(levels)):

@@ -45,7 +45,60 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SITE = "query"
 DEFAULT_MIN_PROTOTYPE_CELLS = 10
+DEFAULT_TRAIN_CELLS = 50_000
 TRANSFER_CHUNK_CELLS = 65_536  # cells labelled at a time
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    """How a site's cells are mapped: the one set of options that ``site map``, ``prepare``,
+    ``submit`` and ``node``, the Python API, campaigns and federated builds all take.
+
+    Attributes:
+        site_id: the site's id; its batches become conditions ``SITE_ID/BATCH``.
+        epochs: adaptor training epochs (None: the release's mapping recipe).
+        seed: random seed (new rows' initialisation, minibatch order, training sample).
+        min_gene_overlap: refuse data with fewer than this share of the release's genes.
+        transfer: label transfer method (None: the release's default).
+        unknown_threshold: uncertainty above which a cell is called unknown (None: the
+            release's thresholds per label level).
+        min_prototype_cells: labels with fewer cells give no prototype (they stay at the site).
+        chunk_size: read a file this many cells at a time (0: load it whole; None: chunks of
+            10,000 cells only for a file too large to load).
+        train_cells: when a file is read in chunks, train the new condition rows on at most
+            this many of their cells (a random sample shared equally among the new batches).
+    """
+
+    site_id: str = DEFAULT_SITE
+    epochs: int | None = None
+    seed: int = 0
+    min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP
+    transfer: TransferMethod | None = None
+    unknown_threshold: float | None = None
+    min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS
+    chunk_size: int | None = None
+    train_cells: int = DEFAULT_TRAIN_CELLS
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.site_id or "/" in self.site_id:
+            problems.append(f"site id {self.site_id!r} must be non-empty and without '/'")
+        if self.epochs is not None and self.epochs < 0:
+            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if not 0.0 <= self.min_gene_overlap <= 1.0:
+            problems.append(f"min gene overlap must be in [0, 1], got {self.min_gene_overlap}")
+        if self.unknown_threshold is not None and not 0.0 <= self.unknown_threshold <= 1.0:
+            problems.append(f"unknown threshold must be in [0, 1], got {self.unknown_threshold}")
+        if self.min_prototype_cells < 1:
+            problems.append(f"min prototype cells must be >= 1, got {self.min_prototype_cells}")
+        if self.chunk_size is not None and self.chunk_size < 0:
+            problems.append(
+                f"chunk size must be >= 0 (0 loads a file whole), got {self.chunk_size}"
+            )
+        if self.train_cells < 1:
+            problems.append(f"train cells must be >= 1, got {self.train_cells}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -100,36 +153,30 @@ class MappingResult:
         }
 
 
-def map_cells(
+def map_onto(
     release: Release,
     cells: CellTable,
+    options: MappingOptions | None = None,
     *,
-    site_id: str = DEFAULT_SITE,
-    epochs: int | None = None,
-    seed: int = 0,
-    min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
-    transfer: TransferMethod | None = None,
-    unknown_threshold: float | None = None,
-    min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS,
     train_overrides: Mapping[str, Any] | None = None,
     initial_rows: Mapping[str, torch.Tensor] | None = None,
     source: str = "dataset",
     progress: bool = True,
 ) -> MappingResult:
-    """Map ``cells`` onto ``release``; see the module docstring.
+    """Map ``cells`` (held in memory) onto ``release``; see the module docstring.
 
     ``cells.labels`` (optional) correspond, in order, to the release's label levels; labelled
     cells of new batches steer adaptor training with the prototype loss and give the site's
-    prototypes (only labels with at least ``min_prototype_cells`` cells leave the site).
+    prototypes (only labels with at least ``options.min_prototype_cells`` cells leave the site).
     ``initial_rows`` (per condition table, one row per new condition in sorted batch order)
     start the adaptor from rows the site already has, e.g. from federated reference training.
+    ``train_overrides`` replace fields of the training recipe; ``options`` default to
+    :class:`MappingOptions`' defaults.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     plan = plan_mapping(
-        release, cells.genes, cells.batches, cells.labels, site_id=site_id, epochs=epochs,
-        seed=seed, min_gene_overlap=min_gene_overlap, transfer=transfer,
-        unknown_threshold=unknown_threshold, min_prototype_cells=min_prototype_cells,
+        release, cells.genes, cells.batches, cells.labels, options or MappingOptions(),
         train_overrides=train_overrides, initial_rows=initial_rows, source=source,
     )  # fmt: skip
     model, recipe = plan.model, release.recipe
@@ -200,21 +247,17 @@ def plan_mapping(
     genes: Sequence[str],
     batches: NDArray[np.str_],
     labels: Mapping[str, NDArray[np.object_]],
+    options: MappingOptions,
     *,
-    site_id: str = DEFAULT_SITE,
-    epochs: int | None = None,
-    seed: int = 0,
-    min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
-    transfer: TransferMethod | None = None,
-    unknown_threshold: float | None = None,
-    min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS,
     train_overrides: Mapping[str, Any] | None = None,
     initial_rows: Mapping[str, torch.Tensor] | None = None,
     source: str = "dataset",
 ) -> MappingPlan:
     """Check the options, align ``genes``, give every cell its condition and operate on the
-    network (after seeding torch with ``seed``: the new rows' initialisation draws from it).
-    Arguments as for :func:`map_cells`, with the cells' gene names, batches and labels."""
+    network (after seeding torch with the options' seed: the new rows' initialisation draws
+    from it). Arguments as for :func:`map_onto`, with the cells' gene names, batches and
+    labels."""
+    site_id, epochs, seed = options.site_id, options.epochs, options.seed
     torch.manual_seed(seed)
     levels = release.label_levels
     if len(labels) > len(levels):
@@ -222,11 +265,13 @@ def plan_mapping(
             f"{len(labels)} label keys given but the release has {len(levels)} label "
             f"level(s) ({', '.join(levels) or 'none'})"
         )
-    method = transfer or release.content["transfer"]["method"]
+    method = options.transfer or release.content["transfer"]["method"]
     thresholds = release.unknown_thresholds(method)
-    if unknown_threshold is not None:
-        thresholds = dict.fromkeys(thresholds, float(unknown_threshold))
-    alignment = align_genes(genes, release.genes, min_overlap=min_gene_overlap, source=source)
+    if options.unknown_threshold is not None:
+        thresholds = dict.fromkeys(thresholds, float(options.unknown_threshold))
+    alignment = align_genes(
+        genes, release.genes, min_overlap=options.min_gene_overlap, source=source
+    )
     if alignment.n_missing:
         log.warning(
             "%s: %d of %d release genes are missing and were zero-filled",
@@ -264,7 +309,7 @@ def plan_mapping(
         method=method,
         thresholds=thresholds,
         seed=seed,
-        min_prototype_cells=min_prototype_cells,
+        min_prototype_cells=options.min_prototype_cells,
     )
 
 

@@ -36,6 +36,7 @@ from fedatlas.shared.model.release import (
     reference_label_tensor,
     transfer_levels,
 )
+from fedatlas.shared.model.surgery import export_tensors
 from fedatlas.shared.model.training import (
     FitResult,
     PrototypeTargets,
@@ -273,7 +274,7 @@ def _release_tensors(
     keep_latents: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """Weights, prototype catalogue (labelled and Leiden clusters) and optional latents."""
-    tensors = {MODEL_PREFIX + k: v for k, v in model.export_tensors().items()}
+    tensors = {MODEL_PREFIX + k: v for k, v in export_tensors(model).items()}
     described: dict[str, Any] = {}
     levels = list(cells.labels)
     for i, level in enumerate(levels):

@@ -32,8 +32,9 @@ from torch import Tensor
 from fedatlas.shared.config import ModelConfig, PreprocessingRecipe, TrainConfig
 from fedatlas.shared.errors import ConfigError, ReleaseError
 from fedatlas.shared.hashing import content_hash, tensor_digest, tensor_index
+from fedatlas.shared.model import surgery
 from fedatlas.shared.model.artifact import Artifact
-from fedatlas.shared.model.nn.vae import TABLE_SUFFIX, CondVAE
+from fedatlas.shared.model.nn.vae import CondVAE
 from fedatlas.shared.model.prototypes import PrototypeSet
 
 RELEASE_FORMAT = "fedatlas-release/1"
@@ -42,7 +43,7 @@ WEIGHTS_FILE = "weights.safetensors"
 MODEL_PREFIX = "model."
 LATENT_TENSOR = "reference.latent"
 CONDITION_TENSOR = "reference.condition"
-EMBEDDING_TABLE = "embedding.table"  # condition embeddings (without MODEL_PREFIX)
+EMBEDDING_TABLE = "embedding" + surgery.TABLE_SUFFIX  # condition embeddings (without MODEL_PREFIX)
 
 
 def prototype_prefix(level_index: int) -> str:
@@ -162,7 +163,7 @@ class Release(Artifact):
         return self.condition_names, table.numpy().copy()
 
     def model_tensors(self) -> dict[str, Tensor]:
-        """The network's tensors, named as :meth:`CondVAE.export_tensors` names them."""
+        """The network's tensors, named as :func:`surgery.export_tensors` names them."""
         n = len(MODEL_PREFIX)
         return {k[n:]: v for k, v in self.tensors.items() if k.startswith(MODEL_PREFIX)}
 
@@ -170,7 +171,7 @@ class Release(Artifact):
         """The frozen network of this release, in eval mode."""
         model = CondVAE(self.model_config, len(self.condition_names))
         try:
-            model.load_tensors(self.model_tensors())
+            surgery.load_tensors(model, self.model_tensors())
         except ValueError as exc:
             raise ReleaseError(
                 f"release {self.short_id}: weights do not fit its model: {exc}"
@@ -183,11 +184,8 @@ class Release(Artifact):
     @staticmethod
     def compute_trunk_id(content: dict[str, Any], tensors: dict[str, Tensor]) -> str:
         """Hash of model configuration, genes, recipe and trunk (non-condition) tensors."""
-        trunk = {
-            k: tensor_digest(v)
-            for k, v in sorted(tensors.items())
-            if k.startswith(MODEL_PREFIX) and not k.endswith(TABLE_SUFFIX)
-        }
+        network = {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        trunk = {k: tensor_digest(v) for k, v in sorted(surgery.split(network)[0].items())}
         return content_hash(
             {
                 "model": content["model"],

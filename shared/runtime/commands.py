@@ -13,11 +13,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from anndata import AnnData
-
 from fedatlas.shared.config import parse_overrides
-from fedatlas.shared.data.dataset import CellTable, extract_cells
-from fedatlas.shared.data.h5ad import read_h5ad
+from fedatlas.shared.data.dataset import DataSource
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -58,18 +55,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, label_help: str) -> N
     parser.add_argument("--gene-key", help="var column with gene identifiers (default: var_names)")
 
 
-def read_cells(args: argparse.Namespace) -> tuple[AnnData, CellTable]:
-    """The dataset named by :func:`add_data_arguments`' options, validated."""
-    adata = read_h5ad(args.data)
-    cells = extract_cells(
-        adata,
-        source=str(args.data),
-        batch_key=args.batch_key,
-        label_keys=args.label_key,
-        layer=args.layer,
-        gene_key=args.gene_key,
+def data_source(args: argparse.Namespace) -> DataSource:
+    """The dataset named by :func:`add_data_arguments`' options."""
+    return DataSource(
+        args.data, args.batch_key, tuple(args.label_key), layer=args.layer, gene_key=args.gene_key
     )
-    return adata, cells
 
 
 def settings(pairs: Sequence[str] | None, target: type) -> dict[str, Any]:

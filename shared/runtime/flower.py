@@ -25,11 +25,6 @@ from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.runtime.process_tree import descendants, end_processes
 
 CONNECTION = "fedatlas"  # the connection name in $FLWR_HOME/config.toml
-# record names of a campaign's messages: the composite sent to sites, the bundle they answer
-COMPOSITE_RECORD = "composite"
-BUNDLE_RECORD = "bundle"
-FEDERATED_RECORD = "federated"  # a federated build's plan and per-step settings or answers
-TRUNK_RECORD = "trunk"  # arrays of a federated build: the trunk, or a site's gene votes
 
 
 class FlowerError(FedatlasError):

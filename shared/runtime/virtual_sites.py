@@ -9,10 +9,12 @@ objects, one per virtual site::
     [{"site-id": "v01", "data": "v01.h5ad", "batch-key": "batch",
       "label-key": "cell_type", "key": "keys/v01/site.key"}, ...]
 
-optionally with ``coordinator-key``, ``out`` (write the mapped cells there), ``seed`` and
-``epochs`` (mapping epochs; default: the release's). Relative paths are relative to the sites
-file. :func:`read_sites_file` checks it; :func:`write_federation` writes the resolved entries
-that :func:`virtual_site` hands to the ClientApp of partition ``i``.
+optionally with ``coordinator-key``, ``out`` (write the mapped cells there), ``seed``,
+``epochs`` (mapping epochs; default: the release's), ``chunk-size`` (read the data this many
+cells at a time; default: only a file too large to load) and ``train-cells``. Relative paths
+are relative to the sites file. :func:`read_sites_file` checks it; :func:`write_federation`
+writes the resolved entries that :func:`virtual_site` hands to the ClientApp of partition
+``i``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any
 from fedatlas.shared.errors import ConfigError
 
 REQUIRED = ("site-id", "data", "batch-key", "key")
-OPTIONAL = {"label-key": "", "coordinator-key": "", "out": "", "seed": 0, "epochs": 0}
+OPTIONAL = {"label-key": "", "coordinator-key": "", "out": "", "seed": 0, "epochs": 0,
+            "chunk-size": None, "train-cells": 50_000}  # fmt: skip
 PATHS = ("data", "key", "coordinator-key", "out")  # resolved against the sites file
-INTEGERS = ("seed", "epochs")
+INTEGERS = ("seed", "epochs", "chunk-size", "train-cells")
 
 
 def read_sites_file(path: Path) -> list[dict[str, Any]]:
@@ -59,8 +62,10 @@ def _site(path: Path, index: int, entry: object) -> dict[str, Any]:
         problem = f"missing {missing}" if missing else f"unknown fields {unknown}"
         raise ConfigError(f"{where}: {problem} (fields: {[*REQUIRED, *OPTIONAL]})")
     site = {**OPTIONAL, **entry}
+    if site["chunk-size"] is None:
+        del site["chunk-size"]  # chunks only for a file too large to load
     for key in INTEGERS:
-        if not isinstance(site[key], int) or site[key] < 0:
+        if key in site and (not isinstance(site[key], int) or site[key] < 0):
             raise ConfigError(f"{where}: {key} must be a non-negative integer")
     for key in set(site) - set(INTEGERS):
         if not isinstance(site[key], str):

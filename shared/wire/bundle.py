@@ -1,7 +1,7 @@
-"""Signed adaptor bundles (site -> coordinator) and tensors on the wire.
+"""Signed adaptor bundles (site -> coordinator).
 
 A bundle is the protobuf message ``fedatlas.v1.Bundle``: the adaptor's content (canonical JSON,
-which lists the SHA-256 of every tensor), its tensors as dtype + shape + little-endian bytes,
+which lists the SHA-256 of every tensor), its tensors (:mod:`fedatlas.shared.wire.codec`),
 the site id, the release it was trained against, a creation time, a random nonce, the signer's
 public key and an Ed25519 signature over a canonical statement of all of these. Its serialised
 bytes are the bundle file and what the coordinator stores; their SHA-256 is the bundle id.
@@ -12,61 +12,30 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
-from torch import Tensor
 
-from fedatlas.shared.errors import AdaptorError, FedatlasError
-from fedatlas.shared.hashing import canonical_json, content_hash, digest, tensor_bytes
+from fedatlas.shared.errors import AdaptorError, AdaptorHashError
+from fedatlas.shared.hashing import canonical_json, content_hash, digest
 from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.wire.codec import WireError, tensor_message, tensors_from_messages
 from fedatlas.shared.wire.signing import public_bytes, sign, verify_signature
 from fedatlas.v1 import coordinator_pb2 as pb
 
 BUNDLE_FORMAT_VERSION = 1
 NONCE_BYTES = 16
-# dtypes a tensor may have on the wire, and their numpy equivalents (little-endian)
-WIRE_DTYPES: dict[str, np.dtype[Any]] = {
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-}
 
 
-class BundleError(FedatlasError):
+class BundleError(WireError):
     """Bundle bytes that cannot be parsed, or whose parts do not fit together."""
 
 
-def tensor_to_proto(name: str, tensor: Tensor) -> pb.Tensor:
-    """A tensor as a ``fedatlas.v1.Tensor`` message."""
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype not in WIRE_DTYPES:
-        raise BundleError(f"tensor {name!r}: dtype {dtype} cannot travel on the wire")
-    return pb.Tensor(name=name, dtype=dtype, shape=list(tensor.shape), data=tensor_bytes(tensor))
-
-
-def tensor_from_bytes(name: str, dtype: str, shape: list[int], data: bytes) -> Tensor:
-    """Rebuild a tensor from its wire form, checking dtype, shape and byte count."""
-    if dtype not in WIRE_DTYPES:
-        raise BundleError(
-            f"tensor {name!r}: dtype {dtype!r} is not one of {', '.join(WIRE_DTYPES)}"
-        )
-    if any(d < 0 for d in shape):
-        raise BundleError(f"tensor {name!r}: negative dimension in shape {shape}")
-    expected = math.prod(shape) * WIRE_DTYPES[dtype].itemsize
-    if len(data) != expected:
-        raise BundleError(
-            f"tensor {name!r}: {len(data)} bytes, expected {expected} for {dtype} {shape}"
-        )
-    array = np.frombuffer(data, dtype=WIRE_DTYPES[dtype]).reshape(shape)
-    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+class BundleHashError(BundleError):
+    """A bundle's tensors differ from the hashes its signed content records."""
 
 
 @dataclass(frozen=True)
@@ -110,17 +79,18 @@ class SignedBundle:
         return verify_signature(public_key, self.statement(), bytes(self.message.signature))
 
     def adaptor(self) -> Adaptor:
-        """The adaptor, with every tensor checked against the hash its content records."""
-        tensors: dict[str, Tensor] = {}
-        for t in self.message.tensors:
-            if t.name in tensors:
-                raise BundleError(f"tensor {t.name!r} appears twice")
-            tensors[t.name] = tensor_from_bytes(t.name, t.dtype, list(t.shape), bytes(t.data))
+        """The adaptor, with every tensor checked against the hash its content records
+        (:class:`BundleHashError` when one differs)."""
+        source = f"bundle from {self.site_id}"
+        try:
+            tensors = tensors_from_messages(self.message.tensors, source=source)
+        except WireError as exc:
+            raise BundleError(str(exc)) from None
         content = self.adaptor_content()
         try:
-            return Adaptor.verified(
-                content, tensors, content_hash(content), source=f"bundle from {self.site_id}"
-            )
+            return Adaptor.verified(content, tensors, content_hash(content), source=source)
+        except AdaptorHashError as exc:
+            raise BundleHashError(str(exc)) from None
         except AdaptorError as exc:
             raise BundleError(str(exc)) from None
 
@@ -160,7 +130,7 @@ def make_bundle(
         nonce=nonce if nonce is not None else secrets.token_bytes(NONCE_BYTES),
         signer_public_key=public_bytes(key),
     )
-    message.tensors.extend(tensor_to_proto(n, t) for n, t in sorted(adaptor.tensors.items()))
+    message.tensors.extend(tensor_message(n, t) for n, t in sorted(adaptor.tensors.items()))
     message.signature = sign(key, bundle_statement(message, adaptor.content_hash))
     return SignedBundle(message, message.SerializeToString(deterministic=True))
 

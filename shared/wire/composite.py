@@ -1,8 +1,11 @@
-"""Signed composites: what the coordinator vouches for, and how a site checks it.
+"""Signed composites: what the coordinator vouches for, how it travels, and how a site checks it.
 
 The coordinator signs a statement naming the composite's content hash, its generation, the
-release it extends and the bundles it holds. A pulled composite is a release directory (so
-``fedatlas site map --reference`` accepts it) with the statement and signature beside it in
+release it extends and the bundles it holds. :class:`SignedComposite` is the composite with
+that statement, and its :meth:`~SignedComposite.encode` is the one form it travels in: gRPC
+streams those bytes in pieces, a Flower campaign carries them whole, and a site decodes and
+verifies them the same way whichever way they came. Saved, a composite is a release directory
+(so ``fedatlas site map --reference`` accepts it) with the statement and signature beside it in
 ``signature.json``.
 """
 
@@ -15,11 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from fedatlas.shared.errors import ReleaseError
 from fedatlas.shared.hashing import canonical_json
 from fedatlas.shared.model.release import Release
-from fedatlas.shared.wire.signing import fingerprint, public_bytes, sign, verify_signature
+from fedatlas.shared.wire.codec import WireError, tensor_message, tensors_from_messages
+from fedatlas.shared.wire.signing import (
+    PUBLIC_KEY_BYTES,
+    fingerprint,
+    public_bytes,
+    sign,
+    verify_signature,
+)
+from fedatlas.v1 import coordinator_pb2 as pb
 
 SIGNATURE_FILE = "signature.json"
 STATEMENT_KIND = "fedatlas-composite"
@@ -31,6 +43,20 @@ class CompositeStatement:
 
     statement_json: str  # canonical JSON, exactly as signed
     signature: bytes
+
+    def __post_init__(self) -> None:
+        try:
+            body = json.loads(self.statement_json)
+            fields_ok = (
+                isinstance(body, dict)
+                and isinstance(body.get("content_hash"), str)
+                and type(body.get("generation")) is int
+                and len(bytes.fromhex(str(body.get("coordinator_key")))) == PUBLIC_KEY_BYTES
+            )
+        except (ValueError, TypeError) as exc:
+            raise ReleaseError(f"composite statement is malformed ({exc})") from None
+        if not fields_ok:
+            raise ReleaseError("composite statement lacks its content hash, generation or key")
 
     @property
     def body(self) -> dict[str, Any]:
@@ -91,7 +117,7 @@ class CompositeStatement:
             return cls(canonical_json(data["statement"]).decode(), bytes.fromhex(data["signature"]))
         except FileNotFoundError:
             raise ReleaseError(f"{path}: missing; not a signed composite") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, ReleaseError) as exc:
             raise ReleaseError(f"{path}: malformed ({exc})") from None
 
 
@@ -117,3 +143,44 @@ def sign_composite(
         }
     )
     return CompositeStatement(statement.decode(), sign(key, statement))
+
+
+@dataclass(frozen=True)
+class SignedComposite:
+    """A composite and the coordinator's signed statement about it, as sites receive it."""
+
+    release: Release
+    statement: CompositeStatement
+
+    @property
+    def generation(self) -> int:
+        """The composite's generation, as the signed statement gives it."""
+        return self.statement.generation
+
+    def encode(self) -> bytes:
+        """The composite's one wire form: a serialised ``fedatlas.v1.Composite``."""
+        message = pb.Composite(
+            manifest_json=self.release.manifest_json(),
+            statement_json=self.statement.statement_json,
+            signature=self.statement.signature,
+            tensors=[tensor_message(n, t) for n, t in sorted(self.release.tensors.items())],
+        )
+        return message.SerializeToString(deterministic=True)
+
+    @classmethod
+    def decode(cls, data: bytes, *, source: str) -> SignedComposite:
+        """Inverse of :meth:`encode`, with every tensor checked against the manifest (the
+        signature is checked by :meth:`verify`, against a key the site trusts)."""
+        try:
+            message = pb.Composite.FromString(data)
+            tensors = tensors_from_messages(message.tensors, source=source)
+            statement = CompositeStatement(message.statement_json, bytes(message.signature))
+        except (ProtobufDecodeError, WireError, ReleaseError) as exc:
+            raise ReleaseError(f"{source}: not a composite ({exc})") from None
+        release = Release.from_manifest(message.manifest_json, tensors, source=source)
+        return cls(release, statement)
+
+    def verify(self, trusted_key: bytes, *, source: str) -> Release:
+        """The composite's release, once ``trusted_key``'s signature of it is checked."""
+        self.statement.verify(self.release, trusted_key, source=source)
+        return self.release

@@ -1,1 +1,1 @@
-"""fedatlas' Flower app: the adaptor campaign (see fedatlas.coordinator.campaign)."""
+"""fedatlas' Flower app: adaptor campaigns and federated reference builds."""

@@ -3,13 +3,13 @@
 Tensors fall in two groups. *Trunk* tensors (the encoder, decoder and their statistics) are
 trained once, when the reference is built, and frozen forever after. *Condition tables*
 (:class:`ConditionTable`, axis 0 = condition) hold everything condition-specific; architecture
-surgery appends rows for new conditions and mapping trains only those rows.
+surgery (:mod:`fedatlas.shared.model.surgery`) names the two groups, appends rows for new
+conditions and checks that mapping trained only those rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +25,6 @@ from fedatlas.shared.model.nn.layers import (
     SparseLinear,
 )
 from fedatlas.shared.model.nn.likelihoods import NonZero
-
-TABLE_SUFFIX = ".table"
 
 
 @dataclass
@@ -238,72 +236,13 @@ class CondVAE(nn.Module):
         theta = torch.exp(self.log_theta).unsqueeze(0)
         return likelihoods.negative_binomial_constant(nonzero, n_cells, theta)
 
-    # ---------------------------------------------------------------------- tensors and surgery
-    def export_tensors(self) -> dict[str, Tensor]:
-        """All tensors by stable name: trunk state plus each condition table as ``NAME.table``."""
-        tables = self.condition_tables()
-        out: dict[str, Tensor] = {}
-        for key, value in self.state_dict().items():
-            if key.rsplit(".", 1)[0] in tables:
-                continue
-            out[key] = value.detach().clone().contiguous()
-        for name, table in tables.items():
-            out[name + TABLE_SUFFIX] = table.table().detach().clone().contiguous()
-        return out
-
-    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Load tensors named as by :meth:`export_tensors`; every row becomes frozen.
-
-        Raises ValueError naming any missing, unexpected or mis-shaped tensor.
-        """
-        expected = self.export_tensors()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"tensor names differ: missing {missing}, unexpected {unexpected}")
-        for name, ref in expected.items():
-            got = tensors[name]
-            if name.endswith(TABLE_SUFFIX):
-                if tuple(got.shape[1:]) != tuple(ref.shape[1:]):
-                    raise ValueError(
-                        f"{name}: rows of shape {tuple(got.shape[1:])}, expected "
-                        f"{tuple(ref.shape[1:])}"
-                    )
-            elif tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
-                raise ValueError(
-                    f"{name}: {got.dtype} {tuple(got.shape)}, expected "
-                    f"{ref.dtype} {tuple(ref.shape)}"
-                )
-        for name, table in self.condition_tables().items():
-            table.load_table(tensors[name + TABLE_SUFFIX])
-        trunk = {k: v for k, v in tensors.items() if not k.endswith(TABLE_SUFFIX)}
-        self.load_state_dict(trunk, strict=False)
-
+    # ---------------------------------------------------------------------------- freezing
     def freeze_all(self) -> None:
         """Freeze trunk parameters and every condition row (the state of a published release)."""
         for p in self.parameters():
             p.requires_grad_(False)
         for table in self.condition_tables().values():
             table.freeze()
-
-    def add_conditions(self, n_new: int, initial: Mapping[str, Tensor] | None = None) -> None:
-        """Architecture surgery: append ``n_new`` trainable rows to every condition table.
-
-        New rows start from ``initial[NAME]`` where given (rows a site kept, e.g. from federated
-        training), else at the mean of the known rows (an "average known condition"); tables
-        with neither keep their default initialisation.
-        """
-        initial = initial or {}
-        for name, table in self.condition_tables().items():
-            init = initial.get(name)
-            if init is not None and tuple(init.shape) != (n_new, *table.row_shape):
-                raise ValueError(
-                    f"initial rows of {name} have shape {tuple(init.shape)}, "
-                    f"expected {(n_new, *table.row_shape)}"
-                )
-            if init is None and table.n_frozen:
-                init = table.frozen.mean(dim=0, keepdim=True).expand(n_new, *table.row_shape)
-            table.add_rows(n_new, init)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that require gradients (only new condition rows after surgery)."""

@@ -54,53 +54,47 @@ class Bundle(_message.Message):
     signature: bytes
     def __init__(self, format_version: _Optional[int] = ..., site_id: _Optional[str] = ..., release_id: _Optional[str] = ..., trunk_id: _Optional[str] = ..., adaptor_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., created_at: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signer_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
+class TensorSet(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class Composite(_message.Message):
+    __slots__ = ("manifest_json", "statement_json", "signature", "tensors")
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    manifest_json: str
+    statement_json: str
+    signature: bytes
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, manifest_json: _Optional[str] = ..., statement_json: _Optional[str] = ..., signature: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
 class GetCompositeRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CompositeChunk(_message.Message):
-    __slots__ = ("header", "tensor")
+    __slots__ = ("header", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: CompositeHeader
-    tensor: TensorChunk
-    def __init__(self, header: _Optional[_Union[CompositeHeader, _Mapping]] = ..., tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CompositeHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class CompositeHeader(_message.Message):
-    __slots__ = ("generation", "content_hash", "manifest_json", "statement_json", "signature", "coordinator_public_key", "n_tensors", "total_bytes")
+    __slots__ = ("generation", "content_hash", "total_bytes", "sha256")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
-    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
-    STATEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
-    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
-    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
-    N_TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     generation: int
     content_hash: str
-    manifest_json: str
-    statement_json: str
-    signature: bytes
-    coordinator_public_key: bytes
-    n_tensors: int
     total_bytes: int
-    def __init__(self, generation: _Optional[int] = ..., content_hash: _Optional[str] = ..., manifest_json: _Optional[str] = ..., statement_json: _Optional[str] = ..., signature: _Optional[bytes] = ..., coordinator_public_key: _Optional[bytes] = ..., n_tensors: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
-
-class TensorChunk(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "offset", "total_bytes", "data")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    offset: int
-    total_bytes: int
-    data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    sha256: str
+    def __init__(self, generation: _Optional[int] = ..., content_hash: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class SubmitBundleRequest(_message.Message):
     __slots__ = ("bundle",)

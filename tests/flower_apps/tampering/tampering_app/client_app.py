@@ -3,7 +3,7 @@
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedatlas.shared.runtime.flower import BUNDLE_RECORD
+from fedatlas.shared.wire.messages import BUNDLE_RECORD
 from fedatlas.site_client.campaign import train
 from fedatlas.v1 import coordinator_pb2 as pb
 
