@@ -34,7 +34,7 @@ from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.evaluation.plotting import plot_joint_embedding
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,7 +74,7 @@ def run_one(
         data.reference, source="reference", batch_key="batch", label_keys=["cell_line"]
     )
     started = time.perf_counter()
-    built = build_reference(cells, preset=preset, seed=seed, progress=True)
+    built = train_reference(cells, preset=preset, seed=seed, progress=True)
     build_s = time.perf_counter() - started
     release = built.release
     mapped = []

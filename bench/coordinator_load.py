@@ -35,7 +35,7 @@ from fedatlas.coordinator.verification import Policy
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.adaptor import Adaptor, compose
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.wire.bundle import make_bundle
 from fedatlas.shared.wire.composite import sign_composite
@@ -49,7 +49,7 @@ def trained_adaptor(world: SyntheticWorld, preset: str) -> tuple[Release, Adapto
     """A small reference of ``preset`` and one site's adaptor (two batches, labelled)."""
     reference = world.sample(2_000, batches=("r1", "r2"), seed=1)
     cells = extract_cells(reference, source="ref", batch_key="batch", label_keys=["cell_type"])
-    release = build_reference(
+    release = train_reference(
         cells, preset=preset, epochs=REFERENCE_EPOCHS[preset], seed=0, progress=False
     ).release
     site = world.sample(400, batches=("b1", "b2"), seed=2)

@@ -33,7 +33,7 @@ from fedatlas.shared.model.federated import (
     federated_release,
     train_federated,
 )
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.model.surgery import split
 
@@ -69,7 +69,7 @@ def run(preset: str, rounds: int, local_epochs: int, strategies: list[str]) -> d
         data.reference, source="reference", batch_key="batch", label_keys=["cell_line"]
     )
     started = time.perf_counter()
-    central_release = build_reference(cells, preset=preset, seed=0, progress=False).release
+    central_release = train_reference(cells, preset=preset, seed=0, progress=False).release
     central_seconds = time.perf_counter() - started
     central = map_and_evaluate(central_release, data.queries, label_key="cell_line")
     out: dict[str, Any] = {

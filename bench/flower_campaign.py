@@ -31,7 +31,7 @@ from fedatlas.cli import main as cli
 from fedatlas.coordinator.registry import Registry
 from fedatlas.coordinator.simulation import simulate
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE_EPOCHS = 20
@@ -42,7 +42,7 @@ def prepare(root: Path, world: SyntheticWorld, n_sites: int, cells: int) -> list
     entries."""
     reference = world.sample(2_000, batches=("r1", "r2", "r3"), seed=1)
     table = extract_cells(reference, source="ref", batch_key="batch", label_keys=["cell_type"])
-    build_reference(table, preset="scpoli", epochs=REFERENCE_EPOCHS, progress=False).release.save(
+    train_reference(table, preset="scpoli", epochs=REFERENCE_EPOCHS, progress=False).release.save(
         root / "release"
     )
     sites = []

@@ -38,7 +38,7 @@ from mapping_speed import CELL_TYPES, CHILD, REFERENCE_EPOCHS
 
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SITE_BATCHES = ("b1", "b2", "b3")
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = []
     for preset in args.presets:
         print(f"[bench] building {preset} reference (10,000 cells)", file=sys.stderr, flush=True)
-        built = build_reference(
+        built = train_reference(
             ref_cells, preset=preset, epochs=REFERENCE_EPOCHS[preset], seed=args.seed,
             progress=False,
         )  # fmt: skip

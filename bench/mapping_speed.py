@@ -33,7 +33,7 @@ import numpy as np
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.data.genes import align_genes
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.model.training import TrainingData, latent_means
 
@@ -109,7 +109,7 @@ def run(presets: list[str], sizes: list[int], epochs: int, seed: int) -> list[di
         )
         for preset in presets:
             print(f"[bench] building {preset} reference (10,000 cells)", file=sys.stderr)
-            built = build_reference(
+            built = train_reference(
                 ref_cells, preset=preset, epochs=REFERENCE_EPOCHS[preset], seed=seed, progress=False
             )
             release_dir = built.release.save(work / f"release_{preset}", overwrite=True)

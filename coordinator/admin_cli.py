@@ -10,22 +10,39 @@ the same store (``store rotate-key`` and ``tls server-cert`` want the services s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fedatlas.shared.config import PRESETS
+from fedatlas.coordinator.maintenance import (
+    backup_store,
+    renew_server_certificate,
+    restore_store,
+    rotate_signing_key,
+)
+from fedatlas.coordinator.registry import Outcome, Registry, RegistryError, StoreLayout, init_store
+from fedatlas.coordinator.store import StoreError
+from fedatlas.coordinator.tls import DEFAULT_HOSTS, Issued, issue
+from fedatlas.coordinator.verification import Policy
+from fedatlas.shared.api import build_reference
+from fedatlas.shared.config import PRESETS, ModelConfig, TrainConfig
+from fedatlas.shared.data.h5ad import read_h5ad
+from fedatlas.shared.errors import ReleaseError
+from fedatlas.shared.model.release import Release
 from fedatlas.shared.runtime.commands import (
     add_data_arguments,
     add_subcommand,
-    data_source,
     print_result,
     settings,
     table,
 )
-
-if TYPE_CHECKING:
-    from fedatlas.coordinator.registry import Outcome, Registry
+from fedatlas.shared.wire.signing import (
+    NODE_KEY_STEM,
+    fingerprint,
+    load_node_public_key,
+    load_public_key,
+)
 
 
 def register(groups: Any, name: str, help_text: str) -> None:
@@ -141,43 +158,44 @@ def _register_reference(sections: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from fedatlas.shared.config import ModelConfig, TrainConfig
-    from fedatlas.shared.errors import ReleaseError
-    from fedatlas.shared.model.reference import build_reference
 
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ReleaseError(f"{out}: already exists; choose a new --out or pass --overwrite")
     model_overrides = settings(args.set, ModelConfig)
     train_overrides = settings(args.train_set, TrainConfig)
-    _, cells = data_source(args).load()
-    result = build_reference(
-        cells,
-        preset=args.model,
-        seed=args.seed,
+    release = build_reference(
+        read_h5ad(args.data),
+        batch_key=args.batch_key,
+        label_key=args.label_key,
+        model=args.model,
         epochs=args.epochs,
+        seed=args.seed,
         n_top_genes=args.n_top_genes,
-        model_overrides=model_overrides,
-        train_overrides=train_overrides,
-        keep_latents=not args.no_reference_latents,
+        layer=args.layer,
+        gene_key=args.gene_key,
+        model_settings=model_overrides,
+        train_settings=train_overrides,
         unknown_threshold=args.unknown_threshold,
+        keep_reference_latents=not args.no_reference_latents,
         progress=not args.quiet,
+        source=str(args.data),
     )
-    release = result.release
     release.save(out, overwrite=args.overwrite)
-    model = release.build_model()
+    trained = release.provenance
+    n_cells = int(release.content["reference"]["n_cells"])
     payload = {
         "release_dir": str(out),
         "release_id": release.content_hash,
         "preset": args.model,
-        "n_cells": cells.n_cells,
+        "n_cells": n_cells,
         "n_genes": len(release.genes),
         "conditions": release.condition_names,
         "label_levels": release.label_levels,
-        "total_parameters": model.total_parameter_count(),
-        "epochs_trained": result.fit.epochs,
-        "stopped_early": result.fit.stopped_early,
-        "training_seconds": round(result.fit.seconds, 2),
+        "total_parameters": release.build_model().total_parameter_count(),
+        "epochs_trained": trained["epochs_trained"],
+        "stopped_early": trained["stopped_early"],
+        "training_seconds": round(trained["training_seconds"], 2),
         "transfer": release.content["transfer"],
     }
     transfer = release.content["transfer"]
@@ -193,12 +211,13 @@ def _build(args: argparse.Namespace) -> int:
             f"release {release.content_hash}",
             f"  written to      {out}",
             f"  model           {args.model}, {payload['total_parameters']:,} parameters",
-            f"  cells / genes   {cells.n_cells:,} / {len(release.genes):,}",
+            f"  cells / genes   {n_cells:,} / {len(release.genes):,}",
             f"  conditions      {len(release.condition_names)}: "
             + ", ".join(release.condition_names),
             f"  label levels    {labels or 'none (unlabelled reference)'}",
-            f"  training        {result.fit.epochs} epochs in {result.fit.seconds:.1f}s"
-            + (" (stopped early)" if result.fit.stopped_early else ""),
+            f"  training        {payload['epochs_trained']} epochs in "
+            f"{payload['training_seconds']:.1f}s"
+            + (" (stopped early)" if payload["stopped_early"] else ""),
             f"  label transfer  {transfer['method']} by default; unknown when {thresholds}",
         ],
     )
@@ -281,13 +300,11 @@ def _register_store_sections(sections: Any) -> None:
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-    from fedatlas.coordinator.registry import Registry
 
     return Registry(args.store)
 
 
 def _policy_from(args: argparse.Namespace, base: Any) -> Any:
-    import dataclasses
 
     changes = {
         field: getattr(args, field)
@@ -298,10 +315,6 @@ def _policy_from(args: argparse.Namespace, base: Any) -> Any:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.registry import init_store
-    from fedatlas.coordinator.tls import DEFAULT_HOSTS
-    from fedatlas.coordinator.verification import Policy
-    from fedatlas.shared.wire.signing import fingerprint, load_public_key
 
     policy = _policy_from(args, Policy())
     hosts = list(dict.fromkeys([*(args.host or []), *DEFAULT_HOSTS]))
@@ -329,7 +342,6 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from fedatlas.shared.model.release import Release
 
     release = Release.load(args.release)
     with _registry(args) as registry:
@@ -346,12 +358,6 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from fedatlas.shared.wire.signing import (
-        NODE_KEY_STEM,
-        fingerprint,
-        load_node_public_key,
-        load_public_key,
-    )
 
     key = load_public_key(args.public_key)
     node_path = args.node_public_key or args.public_key.with_name(f"{NODE_KEY_STEM}.pub")
@@ -386,9 +392,6 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _store_call(call: Any) -> Any:
     """Run a store write, turning a store refusal into a user error."""
-    from fedatlas.coordinator.registry import RegistryError
-    from fedatlas.coordinator.store import StoreError
-
     try:
         return call()
     except StoreError as exc:
@@ -396,7 +399,6 @@ def _store_call(call: Any) -> Any:
 
 
 def _list_sites(args: argparse.Namespace) -> int:
-    from fedatlas.shared.wire.signing import fingerprint
 
     with _registry(args) as registry:
         sites = registry.store.list_sites()
@@ -442,7 +444,6 @@ def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
 
 
 def _list_adaptors(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.registry import Outcome
 
     with _registry(args) as registry:
         records = registry.store.list_bundles(state=args.state, site_id=args.site_id)
@@ -471,7 +472,6 @@ def _list_adaptors(args: argparse.Namespace) -> int:
 
 
 def _show_adaptor(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.registry import Outcome
 
     with _registry(args) as registry:
         record = registry.bundle(args.bundle_id)
@@ -517,7 +517,6 @@ def _reject(args: argparse.Namespace) -> int:
 
 
 def _show_composite(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.registry import RegistryError
 
     with _registry(args) as registry:
         record = registry.store.latest_composite()
@@ -563,8 +562,6 @@ def _set_policy(args: argparse.Namespace) -> int:
 
 
 def _client_cert(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.registry import StoreLayout
-    from fedatlas.coordinator.tls import Issued, issue
 
     layout = StoreLayout(args.store)
     issued = issue(
@@ -627,7 +624,6 @@ def _register_maintenance(sections: Any) -> None:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.maintenance import backup_store
 
     info = backup_store(args.store, args.out)
     print_result(
@@ -645,7 +641,6 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.maintenance import restore_store
 
     info = restore_store(args.backup, args.store)
     print_result(
@@ -664,7 +659,6 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _rotate_key(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.maintenance import rotate_signing_key
 
     info = rotate_signing_key(args.store)
     print_result(
@@ -683,7 +677,6 @@ def _rotate_key(args: argparse.Namespace) -> int:
 
 
 def _server_cert(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.maintenance import renew_server_certificate
 
     info = renew_server_certificate(args.store, args.host, new_ca=args.new_ca)
     print_result(

@@ -6,8 +6,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fedatlas.coordinator.flower_runs import (
+    run_campaign,
+    run_federated_build,
+    start_superlink,
+    sync_nodes,
+)
+from fedatlas.coordinator.server import serve_forever, start_server
+from fedatlas.coordinator.simulation import simulate
 from fedatlas.shared.config import PRESETS as PRESET_NAMES
-from fedatlas.shared.runtime.commands import add_subcommand
+from fedatlas.shared.model.federated import FederatedPlan
+from fedatlas.shared.runtime.commands import add_subcommand, print_result, table
+from fedatlas.shared.runtime.flower import supervise
 
 NODE_SYNC_SECONDS = 5.0  # how often the SuperLink's node registrations follow the store
 
@@ -117,7 +127,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser, *, min_sites: str, timeo
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.server import serve_forever, start_server
 
     server, port, registry = start_server(
         args.store,
@@ -135,8 +144,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.flower_runs import start_superlink, sync_nodes
-    from fedatlas.shared.runtime.flower import supervise
 
     process = start_superlink(args.store, args.address)
     print(f"superlink on {args.address} (store {args.store})", flush=True)
@@ -145,7 +152,6 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.flower_runs import run_campaign
 
     report = run_campaign(
         args.store, args.superlink, min_sites=args.min_sites, timeout=args.timeout
@@ -155,10 +161,6 @@ def _campaign(args: argparse.Namespace) -> int:
 
 
 def _federated_build(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.flower_runs import run_federated_build
-    from fedatlas.shared.model.federated import FederatedPlan
-    from fedatlas.shared.runtime.commands import print_result, table
-
     plan = FederatedPlan(
         preset=args.model, rounds=args.rounds, local_epochs=args.local_epochs,
         strategy=args.strategy, proximal_mu=args.proximal_mu if args.strategy == "fedprox" else 0.0,
@@ -190,7 +192,6 @@ def _federated_build(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedatlas.coordinator.simulation import simulate
 
     report = simulate(args.store, args.sites_file, timeout=args.timeout, parallel=args.parallel)
     _print_campaign(report, args.json)
@@ -206,7 +207,6 @@ def _site_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def _print_campaign(report: dict[str, Any], as_json: bool) -> None:
-    from fedatlas.shared.runtime.commands import print_result, table
 
     rows = _site_rows(report) + [["-", n, "timed out", "", ""] for n in report["timed_out"]]
     print_result(

@@ -11,10 +11,11 @@ import time
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedatlas.coordinator.registry import StoreLayout
 from fedatlas.coordinator.store import SQLiteStore
+from fedatlas.shared.model.federated import FederatedPlan
 from fedatlas.shared.runtime.flower import (
     CONNECTION,
     FlowerError,
@@ -25,9 +26,6 @@ from fedatlas.shared.runtime.flower import (
     wait_healthy,
     write_connection,
 )
-
-if TYPE_CHECKING:
-    from fedatlas.shared.model.federated import FederatedPlan
 
 log = logging.getLogger(__name__)
 

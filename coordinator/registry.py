@@ -25,6 +25,7 @@ from fedatlas.coordinator.store import (
     BundleRecord,
     CompositeRecord,
     SQLiteStore,
+    StoreConflictError,
     StoreError,
     utc_now,
 )
@@ -276,7 +277,7 @@ class Registry:
         )
         try:
             self.store.add_bundle(record, actor=actor)
-        except StoreError:
+        except StoreConflictError:
             existing = self.store.get_bundle(bundle_id)
             if existing is not None:  # the same bytes arrived twice at once
                 return Outcome.of(existing, self.generation_of(bundle_id))
@@ -395,7 +396,7 @@ class Registry:
             )
             try:
                 self.store.add_composite(record, actor=actor)
-            except StoreError as exc:
+            except StoreConflictError as exc:
                 latest_now = self.store.latest_composite()
                 if latest_now is not None and latest_now.generation >= generation:
                     raise GenerationTaken from exc

@@ -25,18 +25,35 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
 
+from fedatlas.benchmarks.cellbench import UNSEEN_IN_S2, load_scenario, load_stem
+from fedatlas.benchmarks.scoring import MappedQuery, evaluate
+from fedatlas.benchmarks.synthetic import DEMO_CELL_TYPES, DEMO_REFERENCE_BATCHES, SyntheticWorld
+from fedatlas.coordinator.flower_runs import run_campaign
+from fedatlas.deploy.launcher import LocalLauncher, interrupt_on_sigterm
+from fedatlas.shared.api import build_reference
 from fedatlas.shared.config import DEFAULT_PRESET, PRESETS
+from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.data.h5ad import read_h5ad, write_h5ad
 from fedatlas.shared.errors import FedatlasError
+from fedatlas.shared.evaluation.plotting import plot_joint_embedding
+from fedatlas.shared.model.annotations import annotate
+from fedatlas.shared.model.mapping import MappingOptions, map_onto
 from fedatlas.shared.runtime.commands import add_subcommand, print_result
+from fedatlas.shared.wire.signing import load_public_key
+from fedatlas.site_client.client import CoordinatorClient
+from fedatlas.site_client.report import write_report
 
 THIRD_PARTY = "third-party"
+Command = Callable[[Sequence[str]], int]  # a fedatlas command line -> its exit status
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +62,12 @@ class DemoError(FedatlasError):
     """A step of the demo failed."""
 
 
-def register(groups: Any, name: str, help_text: str) -> None:
-    """Add the ``demo`` command."""
-    parser = add_subcommand(groups, name, _run, help_text, __doc__ or help_text)
+def register(groups: Any, name: str, help_text: str, *, run_command: Command) -> None:
+    """Add the ``demo`` command; ``run_command`` runs a fedatlas command line in this process
+    (the root command's ``main``), as the operator and the sites would."""
+    parser = add_subcommand(
+        groups, name, partial(_run, run_command=run_command), help_text, __doc__ or help_text
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("fedatlas-demo"), help="report folder (./fedatlas-demo)"
     )
@@ -81,12 +101,6 @@ def demo_data(data_dir: Path | None, seed: int) -> DemoData:
     sixth type. CellBench: reference = CEL-seq2 + Drop-seq (three lines), sites = the three
     5-line plates without A549 and H838 (plate 3 unlabelled), third party = the whole plate 3."""
     if data_dir is None:
-        from fedatlas.benchmarks.synthetic import (
-            DEMO_CELL_TYPES,
-            DEMO_REFERENCE_BATCHES,
-            SyntheticWorld,
-        )
-
         world = SyntheticWorld(seed=seed, n_genes=2000, cell_types=DEMO_CELL_TYPES)
         known = list(DEMO_CELL_TYPES[:-1])
         reference = world.sample(1500, batches=DEMO_REFERENCE_BATCHES, cell_types=known, seed=seed)
@@ -101,7 +115,6 @@ def demo_data(data_dir: Path | None, seed: int) -> DemoData:
         labelled = {"site_a": True, "site_b": True, "site_c": False}
         return DemoData("synthetic (fedatlas.benchmarks.synthetic)", "cell_type", reference, sites,
                         labelled, third)  # fmt: skip
-    from fedatlas.benchmarks.cellbench import UNSEEN_IN_S2, load_scenario, load_stem
 
     scenario = load_scenario(data_dir, "S1")
     reference = scenario.reference[
@@ -117,15 +130,15 @@ def demo_data(data_dir: Path | None, seed: int) -> DemoData:
     return DemoData(f"CellBench ({data_dir})", "cell_line", reference, sites, labelled, third)
 
 
-def run_demo(out: Path, *, data_dir: Path | None, model: str, epochs: int | None, seed: int,
-             timeout: float, progress: bool) -> dict[str, Any]:  # fmt: skip
-    """Run the demo and return the summary written to ``out/summary.json``."""
-    from fedatlas.deploy.launcher import LocalLauncher, interrupt_on_sigterm
-
+def run_demo(out: Path, run_command: Command, *, data_dir: Path | None, model: str,
+             epochs: int | None, seed: int, timeout: float,
+             progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Run the demo and return the summary written to ``out/summary.json``; ``run_command``
+    runs the operator's and the sites' set-up commands."""
     started = time.perf_counter()
     data = demo_data(data_dir, seed)
     _build_reference(out, data, model, epochs, seed, progress)
-    store = _set_up_coordinator(out, data, release_dir=out / "release")
+    store = _set_up_coordinator(out, data, out / "release", run_command)
     with interrupt_on_sigterm(), LocalLauncher(out / "logs") as launcher:
         log.info("starting the coordinator (gRPC), the Flower SuperLink and one SuperNode per site")
         grpc_address = launcher.coordinator(store)
@@ -151,50 +164,45 @@ def run_demo(out: Path, *, data_dir: Path | None, model: str, epochs: int | None
 def _build_reference(out: Path, data: DemoData, model: str, epochs: int | None, seed: int,
                      progress: bool) -> None:  # fmt: skip
     """Build the operator's reference release (centrally) and save it in out/release."""
-    from fedatlas.shared.data.dataset import extract_cells
-    from fedatlas.shared.data.h5ad import write_h5ad
-    from fedatlas.shared.model.reference import build_reference
-
     write_h5ad(data.reference, out / "reference" / "cells.h5ad")
-    cells = extract_cells(
-        data.reference, source="reference", batch_key="batch", label_keys=[data.label_key]
-    )
-    release = build_reference(cells, preset=model, seed=seed, epochs=epochs, progress=progress)
-    release.release.save(out / "release", overwrite=True)
+    release = build_reference(
+        data.reference, batch_key="batch", label_key=data.label_key, model=model, seed=seed,
+        epochs=epochs, progress=progress, source="reference",
+    )  # fmt: skip
+    release.save(out / "release", overwrite=True)
 
 
-def _set_up_coordinator(out: Path, data: DemoData, release_dir: Path) -> Path:
+def _set_up_coordinator(out: Path, data: DemoData, release_dir: Path, run_command: Command) -> Path:
     """The store, the published release and the enrolled sites, through the real commands;
     each site's cells go to its own folder (labels only where the site has them)."""
-    from fedatlas.shared.data.h5ad import write_h5ad
-
     store = out / "coordinator" / "store"
     if store.exists():
         shutil.rmtree(store)  # a previous demo run's store
     setup_log = out / "logs" / "setup.log"
-    _run_command(["admin", "init", "--store", str(store)], setup_log)
-    _run_command(["admin", "release", "publish", "--store", str(store),
-                  "--release", str(release_dir)], setup_log)  # fmt: skip
+
+    def command(*args: str) -> None:
+        _run_command(run_command, list(args), setup_log)
+
+    command("admin", "init", "--store", str(store))
+    command("admin", "release", "publish", "--store", str(store), "--release", str(release_dir))
     for site, adata in data.sites.items():
         folder = out / "sites" / site
         cells = adata if data.labelled[site] else _without(adata, data.label_key)
         write_h5ad(cells, folder / "cells.h5ad")
         keys = folder / "keys"
-        _run_command(["site", "keygen", "--out", str(keys), "--overwrite"], setup_log)
-        _run_command(["admin", "site", "enroll", "--store", str(store), "--site-id", site,
-                      "--public-key", str(keys / "site.pub")], setup_log)  # fmt: skip
+        command("site", "keygen", "--out", str(keys), "--overwrite")
+        command("admin", "site", "enroll", "--store", str(store), "--site-id", site,
+                "--public-key", str(keys / "site.pub"))  # fmt: skip
     write_h5ad(data.third_party, out / THIRD_PARTY / "cells.h5ad")
     return store
 
 
-def _run_command(args: list[str], log: Path) -> None:
+def _run_command(run_command: Command, args: list[str], log: Path) -> None:
     """Run a fedatlas command in this process, its output appended to ``log``."""
-    from fedatlas.cli import main
-
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle, contextlib.redirect_stdout(handle):
         print(f"$ fedatlas {' '.join(args)}", flush=True)
-        status = main(["-q", *args])
+        status = run_command(["-q", *args])
     if status != 0:
         raise DemoError(f"fedatlas {' '.join(args)} failed with status {status}; see {log}")
 
@@ -206,7 +214,6 @@ def _without(adata: ad.AnnData, column: str) -> ad.AnnData:
 
 
 def _campaign(store: Path, superlink: str, n_sites: int, timeout: float) -> dict[str, Any]:
-    from fedatlas.coordinator.flower_runs import run_campaign
 
     return run_campaign(store, superlink, min_sites=n_sites, timeout=timeout)
 
@@ -224,14 +231,6 @@ class ThirdParty:
 
 def _third_party(out: Path, data: DemoData, address: str, store: Path, seed: int,
                  progress: bool) -> ThirdParty:  # fmt: skip
-    from fedatlas.benchmarks.scoring import MappedQuery, evaluate
-    from fedatlas.shared.data.dataset import extract_cells
-    from fedatlas.shared.data.h5ad import write_h5ad
-    from fedatlas.shared.model.annotations import annotate
-    from fedatlas.shared.model.mapping import MappingOptions, map_onto
-    from fedatlas.shared.wire.signing import load_public_key
-    from fedatlas.site_client.client import CoordinatorClient
-    from fedatlas.site_client.report import write_report
 
     with CoordinatorClient(address, store / "ca.pem") as client:
         pulled = client.pull()
@@ -256,8 +255,6 @@ def _third_party(out: Path, data: DemoData, address: str, store: Path, seed: int
 
 def _summary(out: Path, data: DemoData, model: str, campaign: dict[str, Any],
              third: ThirdParty, seconds: float) -> dict[str, Any]:  # fmt: skip
-    from fedatlas.shared.data.h5ad import read_h5ad
-    from fedatlas.shared.evaluation.plotting import plot_joint_embedding
 
     sites = {s["site_id"]: s for s in campaign["sites"]}
     trained = {
@@ -308,10 +305,10 @@ def _summary(out: Path, data: DemoData, model: str, campaign: dict[str, Any],
     }
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, *, run_command: Command) -> int:
     summary = run_demo(
-        args.out, data_dir=args.data_dir, model=args.model, epochs=args.epochs, seed=args.seed,
-        timeout=args.timeout, progress=not args.quiet,
+        args.out, run_command, data_dir=args.data_dir, model=args.model, epochs=args.epochs,
+        seed=args.seed, timeout=args.timeout, progress=not args.quiet,
     )  # fmt: skip
     integ = summary["scores"]["integration"]
     auroc = summary["unknown_auroc"]

@@ -19,12 +19,7 @@ from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.runtime.commands import Handler
 from fedatlas.site_client import cli as site_cli
 
-GROUPS = (
-    ("admin", admin_cli.register, "operator commands (store, releases, sites, ...)"),
-    ("coordinator", coordinator_cli.register, "run the coordinator's services"),
-    ("site", site_cli.register, "commands a site runs on its own data"),
-    ("demo", demo.register, "run the whole federation end to end on this machine"),
-)
+GROUPS = ("admin", "coordinator", "site", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedatlas {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print errors and results")
     parser.add_argument("-v", "--verbose", action="store_true", help="print debugging details")
-    groups = parser.add_subparsers(dest="group", metavar="{" + ",".join(g[0] for g in GROUPS) + "}")
+    groups = parser.add_subparsers(dest="group", metavar="{" + ",".join(GROUPS) + "}")
     groups.required = True
-    for name, register, help_text in GROUPS:
-        register(groups, name, help_text)
+    admin_cli.register(groups, "admin", "operator commands (store, releases, sites, ...)")
+    coordinator_cli.register(groups, "coordinator", "run the coordinator's services")
+    site_cli.register(groups, "site", "commands a site runs on its own data")
+    demo.register(
+        groups, "demo", "run the whole federation end to end on this machine", run_command=main
+    )
     return parser
 
 

@@ -8,6 +8,7 @@ loss weights, optimiser, epochs); everything else is a documented field with a d
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -403,8 +404,6 @@ def parse_overrides(pairs: list[str], target: type) -> dict[str, Any]:
     Values are read as JSON when possible (numbers, booleans, lists), else as strings; a
     comma-separated value becomes a tuple of ints for tuple fields.
     """
-    import json
-
     fields = {f.name: f for f in dataclasses.fields(target)}
     out: dict[str, Any] = {}
     for pair in pairs:

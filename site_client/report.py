@@ -28,16 +28,25 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from anndata import AnnData
 from numpy.typing import NDArray
 
-if TYPE_CHECKING:
-    from anndata import AnnData
-
-    from fedatlas.shared.model.prototypes import PrototypeSet
-    from fedatlas.shared.model.release import Release
+from fedatlas.shared.errors import InputDataError, ReleaseError
+from fedatlas.shared.evaluation import plotting
+from fedatlas.shared.evaluation.metrics import unknown_auroc
+from fedatlas.shared.model.annotations import (
+    LABEL_KEY,
+    LATENT_KEY,
+    PROVENANCE_KEY,
+    UNCERTAINTY_KEY,
+    UNKNOWN_KEY,
+)
+from fedatlas.shared.model.label_transfer import DEFAULT_UNKNOWN_THRESHOLD, UNKNOWN
+from fedatlas.shared.model.prototypes import PrototypeSet
+from fedatlas.shared.model.release import CLUSTER_LEVEL, Release
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +90,6 @@ class ReportSummary:
 
 def check_mapped(adata: AnnData, source: str) -> None:
     """Raise InputDataError unless ``adata`` holds a ``fedatlas site map`` result."""
-    from fedatlas.shared.errors import InputDataError
-    from fedatlas.shared.model.annotations import (
-        LABEL_KEY,
-        LATENT_KEY,
-        PROVENANCE_KEY,
-        UNCERTAINTY_KEY,
-        UNKNOWN_KEY,
-    )
-
     missing = [f"obsm[{LATENT_KEY!r}]"] if LATENT_KEY not in adata.obsm else []
     missing += [
         f"obs[{k!r}]" for k in (LABEL_KEY, UNCERTAINTY_KEY, UNKNOWN_KEY) if k not in adata.obs
@@ -118,16 +118,6 @@ def write_report(
     reference cells, prototypes and condition embeddings; ``label_key`` names an obs column of
     true labels. Raises InputDataError / ReleaseError on unusable input.
     """
-    from fedatlas.shared.evaluation import plotting
-    from fedatlas.shared.model.annotations import (
-        LABEL_KEY,
-        LATENT_KEY,
-        PROVENANCE_KEY,
-        UNCERTAINTY_KEY,
-        UNKNOWN_KEY,
-    )
-    from fedatlas.shared.model.label_transfer import DEFAULT_UNKNOWN_THRESHOLD
-
     check_mapped(adata, source)
     info = _plain(dict(adata.uns[PROVENANCE_KEY]))
     latent = np.asarray(adata.obsm[LATENT_KEY], dtype=np.float32)
@@ -289,8 +279,6 @@ def _reference_view(
 
 def _check_release(release: Release, info: dict[str, Any], dim: int, source: str) -> None:
     """Refuse a release whose network is not the one the cells were mapped with."""
-    from fedatlas.shared.errors import ReleaseError
-
     latent_dim = release.model_config.latent_dim
     mapped_trunk = info.get("trunk_id")
     if latent_dim != dim or (mapped_trunk is not None and mapped_trunk != release.trunk_id):
@@ -302,8 +290,6 @@ def _check_release(release: Release, info: dict[str, Any], dim: int, source: str
 
 def _level_prototypes(release: Release, level: str) -> PrototypeSet | None:
     """The release's prototypes of the label level the mapping reported first."""
-    from fedatlas.shared.model.release import CLUSTER_LEVEL
-
     if level in release.label_levels:
         return release.prototypes(level)
     return release.unlabeled_prototypes() if level == CLUSTER_LEVEL else None
@@ -327,8 +313,6 @@ def _condition_pca(
 ) -> Path | None:
     """PCA of the release's condition embeddings and the site's own rows (from the map output);
     None with a note when there is nothing to draw."""
-    from fedatlas.shared.evaluation.plotting import plot_condition_pca
-
     if release is None:
         return None  # the note on the missing reference says it
     embedded = release.condition_embeddings()
@@ -360,7 +344,7 @@ def _condition_pca(
         "this site" if n in site_names else ("the reference" if n in builder else "other sites")
         for n in names
     ]
-    return plot_condition_pca(
+    return plotting.plot_condition_pca(
         path,
         names,
         np.stack([rows[n] for n in names]),
@@ -385,10 +369,6 @@ def _truth_scores(
     release, when some cell was predicted as it). Known types must be called by their label
     (unknown counts as an error); for the others the right call is unknown.
     """
-    from fedatlas.shared.errors import InputDataError
-    from fedatlas.shared.evaluation.metrics import unknown_auroc
-    from fedatlas.shared.model.label_transfer import UNKNOWN
-
     if label_key not in adata.obs:
         raise InputDataError(
             f"{source}: --label-key {label_key!r} is not an obs column (columns: "

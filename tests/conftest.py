@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from anndata import AnnData
@@ -11,7 +12,15 @@ from anndata import AnnData
 from fedatlas.benchmarks.cellbench import default_cellbench_dir, find_cellbench_dir
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.data.dataset import CellTable, extract_cells
-from fedatlas.shared.model.reference import BuildResult, build_reference
+from fedatlas.shared.model.reference import BuildResult, train_reference
+
+
+def skip_unless_ci(reason: str) -> NoReturn:
+    """Skip a test whose prerequisite is missing on this machine; under CI (``CI=true``) fail
+    instead, so nothing is skipped silently there."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run in CI)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +28,10 @@ def cellbench_dir() -> Path:
     """The real CellBench data directory; skips the test when it is absent (fails under CI)."""
     path = find_cellbench_dir()
     if path is None:
-        msg = (
+        skip_unless_ci(
             f"CellBench data not found at {default_cellbench_dir()}; set FEDATLAS_CELLBENCH to the "
             "directory holding the STEM.count.csv.gz and STEM.metadata.csv.gz files"
         )
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail(f"{msg} (CI=true: the CellBench tests must run in CI)", pytrace=False)
-        pytest.skip(msg)
     return path
 
 
@@ -64,7 +70,7 @@ def cells_of(adata: AnnData, label_key: str | None = "cell_type") -> CellTable:
 def tiny_builds(reference_adata: AnnData) -> dict[str, BuildResult]:
     """One small reference per preset (few epochs, 200 genes), built once per session."""
     return {
-        preset: build_reference(
+        preset: train_reference(
             cells_of(reference_adata),
             preset=preset,
             epochs=epochs,

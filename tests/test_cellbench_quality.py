@@ -22,7 +22,7 @@ from fedatlas.benchmarks.cellbench import load_scenario
 from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 
@@ -104,7 +104,7 @@ def scores_for(cellbench_dir: Path, scenario: str, preset: str) -> dict[str, Any
         cells = extract_cells(
             data.reference, source="reference", batch_key="batch", label_keys=["cell_line"]
         )
-        release = build_reference(
+        release = train_reference(
             cells, preset=preset, epochs=TEST_EPOCHS[preset], seed=0, progress=False
         ).release
         mapped = []

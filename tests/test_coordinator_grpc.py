@@ -20,7 +20,7 @@ from fedatlas.coordinator.registry import Registry
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.adaptor import Adaptor
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.wire.bundle import make_bundle
 from fedatlas.shared.wire.composite import CompositeStatement
@@ -35,7 +35,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, world: SyntheticWorld) -> di
     root = tmp_path_factory.mktemp("federation")
     reference = world.sample(300, batches=("r1", "r2"), cell_types=("A", "B", "C"), seed=31)
     cells = extract_cells(reference, source="ref", batch_key="batch", label_keys=["cell_type"])
-    release = build_reference(cells, preset="scpoli", epochs=8, n_top_genes=150, progress=False)
+    release = train_reference(cells, preset="scpoli", epochs=8, n_top_genes=150, progress=False)
     paths = {"release": release.release.save(root / "release")}
     for name, batch, seed in (("h1", "p1", 32), ("h1b", "p2", 33), ("h2", "p1", 34)):
         paths[name] = root / f"{name}.h5ad"

@@ -3,18 +3,26 @@ and every process it started is gone afterwards, also when it is interrupted."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
+import matplotlib.image as mpimg
+import numpy as np
 import pytest
 from processes import FEDATLAS
 
+from fedatlas.benchmarks.synthetic import DEMO_CELL_TYPES
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.data.h5ad import read_h5ad
+from fedatlas.shared.wire.bundle import parse_bundle
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +62,47 @@ def _gone(pids: dict[str, int]) -> dict[str, int]:
     return alive
 
 
+def _check_picture(png: bytes, name: str) -> None:
+    """A decodable PNG of a drawing: a real size, most pixels background, and enough drawn in
+    enough colours that it is not blank."""
+    image = mpimg.imread(io.BytesIO(png), format="png")
+    assert image.ndim == 3, name
+    assert min(image.shape[:2]) >= 300, (name, image.shape)
+    rgb = image[..., :3].reshape(-1, 3)
+    drawn = np.abs(rgb - 1.0).max(axis=1) > 0.05  # not white
+    assert 0.02 < drawn.mean() < 0.9, (name, drawn.mean())
+    assert len(np.unique((rgb[drawn] * 255).round(), axis=0)) >= 20, name
+
+
+def _check_report(out: Path) -> None:
+    """report.json says what the third party's mapped file holds; index.html embeds the PNGs."""
+    report = json.loads((out / "report" / "report.json").read_text())
+    cells = read_h5ad(out / "third-party" / "cells.h5ad")
+    mapped = read_h5ad(out / "third-party" / "mapped.h5ad")
+    called = mapped.obs["fedatlas_label"].astype(str).to_numpy()
+    assert report["n_cells"] == cells.n_obs == mapped.n_obs
+    assert report["label_counts"] == dict(Counter(called.tolist()))
+    assert report["n_unknown"] == int(mapped.obs["fedatlas_unknown"].sum())
+    assert report["unknown_share"] == pytest.approx(report["n_unknown"] / cells.n_obs)
+    uncertainty = mapped.obs["fedatlas_uncertainty"].to_numpy()
+    assert report["mean_uncertainty"] == pytest.approx(float(uncertainty.mean()), rel=1e-5)
+    assert report["release_id"] == mapped.uns["fedatlas"]["release_id"]
+    truth = cells.obs["cell_type"].astype(str).to_numpy()
+    novel = DEMO_CELL_TYPES[-1]  # the type no site contributed
+    assert report["truth"]["unseen_types"] == [novel]
+    known = truth != novel
+    assert report["truth"]["accuracy"] == pytest.approx(
+        float((called[known] == truth[known]).mean())
+    )
+    confusion = report["truth"]["confusion"]
+    assert sum(sum(row.values()) for row in confusion.values()) == cells.n_obs
+    page = (out / "report" / "index.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == len(report["figures"]) >= 3
+    files = {(out / "report" / name).read_bytes() for name in report["figures"].values()}
+    assert {base64.b64decode(data) for data in embedded} == files
+
+
 def test_the_demo_runs_the_federation_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     run = subprocess.run(
@@ -81,18 +130,24 @@ def test_the_demo_runs_the_federation_end_to_end(tmp_path: Path) -> None:
         assert latest.content_hash == summary["composite_hash"]
         assert len(latest.bundle_ids) == 3
         assert db.verify_audit() == []
-    # each site's process wrote its own annotated cells; no site ever got another's file
+        bundles = [db.get_bundle(b) for b in latest.bundle_ids]
+    # what crossed the wire from each site: its bundle, exactly as received; no tensor in it
+    # has a cell dimension, and it is a few kB however many cells the site has
+    site_cells = {site: read_h5ad(out / "sites" / site / "cells.h5ad").n_obs
+                  for site in summary["sites"]}  # fmt: skip
+    for record in bundles:
+        assert record is not None
+        assert len(record.blob) == summary["bundle_bytes"][record.site_id]
+        tensors = parse_bundle(record.blob).adaptor().tensors
+        n_cells = site_cells[record.site_id]
+        assert all(n_cells not in t.shape for t in tensors.values()), record.site_id
+        assert sum(t.numel() for t in tensors.values()) < n_cells
     for site in summary["sites"]:
         mapped = read_h5ad(out / "sites" / site / "mapped.h5ad")
-        assert "X_fedatlas" in mapped.obsm
-        log = (out / "logs" / f"node-{site}.log").read_text(errors="replace")
-        others = {s for s in summary["sites"] if s != site}
-        assert not any(f"sites/{o}/cells.h5ad" in log for o in others)
-    report = (out / "report" / "index.html").read_text()
-    for png in ("umap_labels.png", "umap_uncertainty.png", "uncertainty_histogram.png"):
-        assert (out / "report" / png).stat().st_size > 10_000
-    assert "<img" in report
-    assert (out / "joint_embedding.png").stat().st_size > 10_000
+        assert mapped.obsm["X_fedatlas"].shape == (site_cells[site], 10)
+    _check_report(out)
+    for png in (out / "joint_embedding.png", *sorted((out / "report").glob("*.png"))):
+        _check_picture(png.read_bytes(), png.name)
     started = json.loads((out / "logs" / "processes.json").read_text())
     assert set(started) == {"coordinator", "superlink", "node-site_a", "node-site_b", "node-site_c"}
     assert _gone(started) == {}

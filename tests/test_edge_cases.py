@@ -15,7 +15,7 @@ from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.errors import InputDataError
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import BuildResult, build_reference
+from fedatlas.shared.model.reference import BuildResult, train_reference
 from fedatlas.shared.model.surgery import moved_tensors
 
 
@@ -25,7 +25,7 @@ def test_a_batch_with_a_single_cell(
 ) -> None:
     adata = world.sample(121, batches=("big", "alone"), seed=21)
     adata.obs["batch"] = ["big"] * 120 + ["alone"]
-    built = build_reference(
+    built = train_reference(
         cells_of(adata), preset=preset, epochs=2, n_top_genes=100, progress=False
     )
     assert "reference/alone" in built.release.condition_names
@@ -79,7 +79,7 @@ def test_partially_labelled_data(
     labels = reference.obs["cell_type"].astype(object).to_numpy()
     labels[::3] = np.nan  # a third of the cells are unlabelled
     reference.obs["cell_type"] = labels
-    built = build_reference(
+    built = train_reference(
         cells_of(reference), preset="scpoli", epochs=4, n_top_genes=150, progress=False
     )
     catalogue = built.release.prototypes("cell_type")
@@ -161,7 +161,7 @@ def test_several_label_levels() -> None:
     cells = extract_cells(
         reference, source="ref", batch_key="batch", label_keys=["lineage", "cell_type"]
     )
-    built = build_reference(
+    built = train_reference(
         cells,
         preset="scpoli",
         n_top_genes=500,

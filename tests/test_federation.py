@@ -20,7 +20,7 @@ from fedatlas.cli import main
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.label_transfer import UNKNOWN
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
@@ -34,7 +34,7 @@ def _coordinator_for(root: Path, scenario: str, cellbench_dir: Path) -> tuple[Pa
     cells = extract_cells(
         data.reference, source="reference", batch_key="batch", label_keys=["cell_line"]
     )
-    release = build_reference(cells, preset="scpoli", seed=0, progress=False).release
+    release = train_reference(cells, preset="scpoli", seed=0, progress=False).release
     release.save(root / "release")
     for site, stem in PLATES.items():
         data.queries[stem].write_h5ad(root / f"{site}.h5ad")

@@ -18,7 +18,7 @@ from fedatlas.cli import main
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.runtime.flower import stop
 
@@ -34,7 +34,7 @@ def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, object
     cells = extract_cells(
         data.reference, source="reference", batch_key="batch", label_keys=["cell_line"]
     )
-    release = build_reference(cells, preset="scpoli", seed=0, progress=False).release
+    release = train_reference(cells, preset="scpoli", seed=0, progress=False).release
     release.save(tmp_path / "release")
     store = tmp_path / "store"
     assert main(["-q", "admin", "init", "--store", str(store)]) == 0

@@ -18,7 +18,7 @@ from fedatlas.coordinator.registry import Registry
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.deploy.launcher import LocalLauncher
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import LATENT_TENSOR
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
@@ -96,7 +96,7 @@ def test_federated_build_matches_the_central_reference(federation: dict[str, Any
     cells = extract_cells(
         federation["reference"], source="reference", batch_key="batch", label_keys=["cell_line"]
     )
-    central_release = build_reference(cells, preset="scpoli", seed=0, progress=False).release
+    central_release = train_reference(cells, preset="scpoli", seed=0, progress=False).release
     central = map_and_evaluate(central_release, federation["queries"], label_key="cell_line")
     print(f"\nfederated {federated}\ncentral {central}")
     assert federated["accuracy"] >= central["accuracy"] - ACCURACY_MARGIN

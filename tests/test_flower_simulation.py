@@ -21,7 +21,7 @@ from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.runtime.process_tree import adopting_orphans, descendants
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def _federation(root: Path, n_sites: int) -> tuple[Path, Path]:
     world = SyntheticWorld(seed=5, n_genes=300, cell_types=("A", "B", "C"))
     reference = world.sample(360, batches=("r1", "r2", "r3"), seed=1)
     cells = extract_cells(reference, source="ref", batch_key="batch", label_keys=["cell_type"])
-    build = build_reference(cells, preset="scpoli", epochs=6, n_top_genes=150, progress=False)
+    build = train_reference(cells, preset="scpoli", epochs=6, n_top_genes=150, progress=False)
     build.release.save(root / "release")
     store = root / "store"
     assert main(["-q", "admin", "init", "--store", str(store)]) == 0

@@ -28,13 +28,3 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     assert sorted(fresh) == sorted(committed), "protos/generated lists other files"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale generated code {stale}: run scripts/gen-protos and commit it"
-
-
-def test_bundle_messages_round_trip() -> None:
-    from fedatlas.v1 import coordinator_pb2 as pb
-
-    bundle = pb.Bundle(site_id="s", nonce=b"\x00" * 16)
-    bundle.tensors.add(name="t", dtype="float32", shape=[2, 3], data=b"\x01" * 24)
-    again = pb.Bundle.FromString(bundle.SerializeToString())
-    assert again == bundle
-    assert list(again.tensors[0].shape) == [2, 3]

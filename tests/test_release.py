@@ -84,9 +84,9 @@ def test_same_seed_same_release(
 ) -> None:
     from conftest import cells_of
 
-    from fedatlas.shared.model.reference import build_reference
+    from fedatlas.shared.model.reference import train_reference
 
-    again = build_reference(
+    again = train_reference(
         cells_of(reference_adata),
         preset="scpoli",
         epochs=12,
@@ -113,12 +113,12 @@ def test_release_records_the_presets_transfer_method(
 ) -> None:
     from conftest import cells_of
 
-    from fedatlas.shared.model.reference import build_reference
+    from fedatlas.shared.model.reference import train_reference
 
     methods = {p: b.release.content["transfer"]["method"] for p, b in tiny_builds.items()}
     assert methods == {"scpoli": "prototype", "scarches": "knn", "scalex": "knn"}
     # without reference latents kNN is impossible: the release falls back to prototypes
-    lean = build_reference(
+    lean = train_reference(
         cells_of(reference_adata),
         preset="scalex",
         epochs=2,
@@ -146,7 +146,7 @@ def test_release_calibrates_the_knn_unknown_threshold(
 
     from fedatlas.shared.model.label_transfer import calibrate_knn_threshold
     from fedatlas.shared.model.mapping import MappingOptions, map_onto
-    from fedatlas.shared.model.reference import build_reference
+    from fedatlas.shared.model.reference import train_reference
 
     built = tiny_builds["scarches"]
     transfer = built.release.content["transfer"]
@@ -178,14 +178,14 @@ def test_release_calibrates_the_knn_unknown_threshold(
     )
     assert own.unknown_thresholds == {"cell_type": 0.3}
     # an operator's threshold replaces the default method's, and must be a probability
-    fixed = build_reference(
+    fixed = train_reference(
         cells_of(reference_adata), preset="scarches", epochs=2, n_top_genes=200, seed=0,
         unknown_threshold=0.25, progress=False,
     ).release  # fmt: skip
     assert fixed.unknown_thresholds("knn") == {"cell_type": 0.25}
     assert fixed.unknown_thresholds("prototype") == {"cell_type": 0.5}
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
-        build_reference(
+        train_reference(
             cells_of(reference_adata), preset="scarches", epochs=1, n_top_genes=200,
             unknown_threshold=2.0, progress=False,
         )  # fmt: skip
@@ -202,14 +202,14 @@ def test_knn_thresholds_are_calibrated_per_label_level(
     from fedatlas.shared.data.dataset import extract_cells
     from fedatlas.shared.model.label_transfer import calibrate_knn_threshold
     from fedatlas.shared.model.mapping import MappingOptions, map_onto
-    from fedatlas.shared.model.reference import build_reference
+    from fedatlas.shared.model.reference import train_reference
 
     adata = reference_adata.copy()
     halves = np.random.default_rng(0).choice(["1", "2"], adata.n_obs)
     adata.obs["subtype"] = [f"{t}{h}" for t, h in zip(adata.obs["cell_type"], halves, strict=True)]
     levels = ["cell_type", "subtype"]
     cells = extract_cells(adata, source="test", batch_key="batch", label_keys=levels)
-    built = build_reference(
+    built = train_reference(
         cells, preset="scarches", epochs=12, n_top_genes=200, seed=0, progress=False
     )
     thresholds = built.release.unknown_thresholds("knn")

@@ -18,7 +18,7 @@ from fedatlas.cli import main
 from fedatlas.shared.data.h5ad import write_h5ad
 from fedatlas.shared.model.annotations import annotate
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 from fedatlas.site_client.report import write_report
 
@@ -29,7 +29,7 @@ def _release_and_mapping(
     root: Path, reference: AnnData, query: AnnData, preset: str
 ) -> tuple[Path, Path]:
     """A tiny release of ``preset`` and ``query`` mapped onto it (labels hidden), as files."""
-    built = build_reference(
+    built = train_reference(
         cells_of(reference), preset=preset, epochs=3, n_top_genes=150, seed=0, progress=False
     )
     release_dir = built.release.save(root / f"{preset}-release")
@@ -166,7 +166,7 @@ def test_report_refuses_bad_input(
     release_dir, mapped_path = scpoli
     raw = tmp_path / "raw.h5ad"
     query_adata.write_h5ad(raw)
-    other = build_reference(
+    other = train_reference(
         cells_of(query_adata), preset="scpoli", epochs=1, n_top_genes=150, seed=1, progress=False
     ).release.save(tmp_path / "other-release")
     out = str(tmp_path / "report")

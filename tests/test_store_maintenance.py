@@ -18,7 +18,7 @@ from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
 from fedatlas.shared.data.dataset import extract_cells
-from fedatlas.shared.model.reference import build_reference
+from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.wire.signing import write_keypair
 
 SITES = ("h1", "h2")
@@ -31,7 +31,7 @@ def made(tmp_path_factory: pytest.TempPathFactory, world: SyntheticWorld) -> dic
     root = tmp_path_factory.mktemp("maintenance")
     reference = world.sample(240, batches=("r1", "r2"), cell_types=("A", "B", "C"), seed=51)
     cells = extract_cells(reference, source="ref", batch_key="batch", label_keys=["cell_type"])
-    built = build_reference(cells, preset="scpoli", epochs=4, n_top_genes=100, progress=False)
+    built = train_reference(cells, preset="scpoli", epochs=4, n_top_genes=100, progress=False)
     paths = {"release": built.release.save(root / "release")}
     for number, site in enumerate(SITES):
         data = root / f"{site}.h5ad"

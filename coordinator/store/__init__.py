@@ -19,7 +19,10 @@ from fedatlas.coordinator.store.records import (
     CompositeRecord,
     SiteRecord,
     Store,
+    StoreBusyError,
+    StoreConflictError,
     StoreError,
+    StoreNotFoundError,
     utc_now,
 )
 from fedatlas.coordinator.store.sqlite import BUSY_TIMEOUT_S, SQLiteStore
@@ -33,7 +36,10 @@ __all__ = [
     "SQLiteStore",
     "SiteRecord",
     "Store",
+    "StoreBusyError",
+    "StoreConflictError",
     "StoreError",
+    "StoreNotFoundError",
     "audit_entry_hash",
     "utc_now",
 ]

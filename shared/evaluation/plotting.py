@@ -8,16 +8,19 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import matplotlib as mpl
+import matplotlib.patheffects as pe
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.collections import PathCollection
+from matplotlib.figure import Figure
 from numpy.typing import NDArray
+from sklearn.neighbors import NearestNeighbors
 
 from fedatlas.shared.model.label_transfer import UNKNOWN
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 Colour = tuple[float, float, float, float]
 REFERENCE_GREY = "0.82"
@@ -32,8 +35,7 @@ STYLE: dict[str, Any] = {
 def umap_2d(latent: NDArray[np.float32], seed: int = 0) -> NDArray[np.float32]:
     """Two-dimensional UMAP of latent positions (15 exact neighbours, min_dist 0.3, 200 epochs);
     the same ``seed`` gives the same picture."""
-    import umap
-    from sklearn.neighbors import NearestNeighbors
+    import umap  # imported when needed: it compiles numba code for seconds on import
 
     n = latent.shape[0]
     if n < 2:
@@ -61,8 +63,6 @@ def _columns(xy: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.f
 
 def _label_palette(names: Sequence[str]) -> dict[str, Colour]:
     """A distinct colour per name (tab10 up to 10 names, then tab20, tab20b and tab20c)."""
-    import matplotlib as mpl
-
     if len(names) <= 10:
         tab10 = mpl.colormaps["tab10"]
         return {name: tab10(i) for i, name in enumerate(names)}
@@ -111,8 +111,6 @@ def _draw_prototypes(
 ) -> None:
     """Prototypes as large outlined stars with their label written beside them (white stars
     when ``colours`` is None)."""
-    import matplotlib.patheffects as pe
-
     for (x, y), name in zip(xy, labels, strict=True):
         ax.scatter(
             x,
@@ -141,12 +139,9 @@ def _draw_prototypes(
 @contextmanager
 def _figure(path: str | Path, figsize: tuple[float, float]) -> Iterator[tuple[Figure, Axes]]:
     """A one-panel figure in fedatlas' style, saved to ``path`` as PNG on leaving."""
-    import matplotlib
+    mpl.use("Agg")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with matplotlib.style.context(STYLE):
+    with mpl.style.context(STYLE):
         fig, ax = plt.subplots(figsize=figsize, constrained_layout=True)
         try:
             yield fig, ax
@@ -159,8 +154,6 @@ def _figure(path: str | Path, figsize: tuple[float, float]) -> Iterator[tuple[Fi
 
 def _legend(ax: Axes, **kwargs: Any) -> None:
     """A legend whose point markers are at least a readable size, however small the points."""
-    from matplotlib.collections import PathCollection
-
     for handle in ax.legend(**kwargs).legend_handles:
         if isinstance(handle, PathCollection):
             handle.set_sizes([max(40.0, float(handle.get_sizes()[0]))])
@@ -318,8 +311,6 @@ def plot_condition_pca(
 ) -> Path:
     """First two principal components of condition (sample) embeddings, one named point per
     condition coloured by its group (e.g. reference / other sites / this site) in ``colours``."""
-    import matplotlib.patheffects as pe
-
     centred = np.asarray(embeddings, dtype=np.float64) - embeddings.mean(axis=0)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     pcs = np.zeros((len(names), 2))
@@ -371,10 +362,7 @@ def plot_joint_embedding(
     as black crosses. Right: every cell coloured by where it comes from (reference batch or query
     site), showing how well sources mix.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    mpl.use("Agg")
 
     coords = umap_2d(np.vstack([reference_latent, query_latent]), seed=seed)
     ref_xy, query_xy = coords[: len(reference_latent)], coords[len(reference_latent) :]

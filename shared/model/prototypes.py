@@ -253,6 +253,8 @@ def cluster_prototypes(
     assigned to its nearest cluster centre, so the cost stays bounded for large datasets.
     Clusters are named ``cluster-0``, ``cluster-1``, ... by decreasing size.
     """
+    # imported when needed: scanpy takes seconds to import, and only unlabelled references
+    # (built by the operator) cluster
     import anndata as ad
     import scanpy as sc
 

@@ -65,7 +65,7 @@ class BuildResult:
     conditions: NDArray[np.int64]  # condition index of each reference cell
 
 
-def build_reference(
+def train_reference(
     cells: CellTable,
     *,
     preset: Preset | str = "scpoli",
@@ -198,6 +198,7 @@ def release_provenance(result: FitResult | None, **extra: Any) -> dict[str, Any]
         "torch_version": str(torch.__version__),
         **({} if result is None else {
             "epochs_trained": result.epochs,
+            "stopped_early": result.stopped_early,
             "training_seconds": round(result.seconds, 3),
         }),
         **extra,
