@@ -30,8 +30,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.coordinator.policy import Policy
 from fedatlas.coordinator.registry import Registry, init_store
-from fedatlas.coordinator.verification import Policy
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.adaptor import Adaptor, compose
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
@@ -168,7 +168,7 @@ def rebuild_times(release: Release, adaptor: Adaptor, counts: list[int]) -> dict
         composite = compose(release, adaptors[:n])
         sign_composite(
             key, composite, generation=1, base_release_id=release.content_hash,
-            bundle_ids=[], created_at="",
+            bundle_ids=[], created_at="", audit_head=(0, ""),
         )  # fmt: skip
         out[n] = round(time.perf_counter() - t0, 3)
         print(f"[bench] composite of {n} adaptors: {out[n]} s", file=sys.stderr)

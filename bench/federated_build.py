@@ -4,10 +4,13 @@ The three S1 reference datasets are three sites that never pool cells; the feder
 (:mod:`fedatlas.shared.model.federated`, the algorithm the Flower apps run) is scored after every
 round: each site's kept rows become its adaptor on that round's trunk, and both S1 query plates
 are mapped onto the composite and scored exactly like the central reference (integration on
-the joint latent, label accuracy). Also reports the bytes a site exchanges per round.
+the joint latent, label accuracy). Also reports the bytes a site exchanges per round. Every
+strategy runs with every aggregation asked for (``--aggregations``; all sites are honest here,
+so this measures what a robust aggregation costs).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/federated_build.py [--preset scpoli]
         [--rounds 15] [--local-epochs 5] [--strategies fedavg fedprox]
+        [--aggregations fedavg median trimmed-mean]
 
 Writes ``bench/results/federated_build.json`` and ``federated_build.png``.
 """
@@ -27,6 +30,7 @@ from fedatlas.benchmarks.scoring import ReferenceCells, map_and_evaluate
 from fedatlas.shared.data.dataset import CellTable, extract_cells
 from fedatlas.shared.model.adaptor import compose
 from fedatlas.shared.model.federated import (
+    AGGREGATIONS,
     FederatedPlan,
     SiteTrainer,
     Trunk,
@@ -55,8 +59,10 @@ def score_round(genes: list[str], trunk: Trunk, trainers: Mapping[str, SiteTrain
     return {"overall": scores["integration"]["overall"], "accuracy": scores["accuracy"]}
 
 
-def run(preset: str, rounds: int, local_epochs: int, strategies: list[str]) -> dict[str, Any]:
-    """Central reference, then one federated build per strategy scored every round."""
+def run(preset: str, rounds: int, local_epochs: int, strategies: list[str],
+        aggregations: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Central reference, then one federated build per strategy and aggregation, scored every
+    round."""
     data_dir = find_cellbench_dir()
     if data_dir is None:
         sys.exit("CellBench data not found (../shared/data/cellbench or FEDATLAS_CELLBENCH)")
@@ -81,37 +87,43 @@ def run(preset: str, rounds: int, local_epochs: int, strategies: list[str]) -> d
     print(f"central {preset}: overall {out['central']['overall']:.3f}, accuracy "
           f"{out['central']['accuracy']:.3f} ({central_seconds:.1f} s)")  # fmt: skip
     for strategy in strategies:
-        out["strategies"][strategy] = run_strategy(
-            strategy, sites, data.queries, preset, rounds, local_epochs, out["central"]["overall"]
-        )
+        for aggregation in aggregations:
+            out["strategies"][f"{strategy}/{aggregation}"] = run_strategy(
+                strategy, aggregation, sites, data.queries, preset, rounds, local_epochs,
+                out["central"]["overall"],
+            )  # fmt: skip
     return out
 
 
 def run_strategy(
-    strategy: str, sites: Mapping[str, CellTable], queries: Mapping[str, Any], preset: str,
-    rounds: int, local_epochs: int, central: float,
+    strategy: str, aggregation: str, sites: Mapping[str, CellTable], queries: Mapping[str, Any],
+    preset: str, rounds: int, local_epochs: int, central: float,
 ) -> dict[str, Any]:  # fmt: skip
     """One federated build, scored after every round."""
     mu = 0.01 if strategy == "fedprox" else 0.0
     plan = FederatedPlan(preset=preset, rounds=rounds, local_epochs=local_epochs,
-                         strategy=strategy, proximal_mu=mu, label_level="cell_line")  # fmt: skip
+                         strategy=strategy, proximal_mu=mu, label_level="cell_line",
+                         aggregation=aggregation)  # fmt: skip
+    label = f"{strategy}/{aggregation}"
     curve: list[dict[str, float]] = []
 
     def on_round(r: int, genes: list[str], trunk: Trunk,
                  trainers: Mapping[str, SiteTrainer]) -> None:  # fmt: skip
         point = {"round": r + 1, **score_round(genes, trunk, trainers, plan, queries)}
         curve.append(point)
-        print(f"{strategy} round {r + 1}: overall {point['overall']:.3f}, "
+        print(f"{label} round {r + 1}: overall {point['overall']:.3f}, "
               f"accuracy {point['accuracy']:.3f}", flush=True)  # fmt: skip
 
     started = time.perf_counter()
     result = train_federated(sites, plan, on_round=on_round)
     trunk_bytes = sum(t.numel() * t.element_size() for t in _trunk(result.release).values())
     reached = next((p["round"] for p in curve if p["overall"] >= central - MARGIN), None)
-    print(f"{strategy}: within {MARGIN} of central after {reached} round(s); "
+    print(f"{label}: within {MARGIN} of central after {reached} round(s); "
           f"{2 * trunk_bytes:,} B per site per round")  # fmt: skip
     return {
-        "mu": mu, "curve": curve, "rounds_to_central": reached,
+        "mu": mu, "aggregation": aggregation, "curve": curve, "rounds_to_central": reached,
+        "left_out": sum(len(r["left_out"]) for r in result.history),
+        "clipped": sum(len(r["clipped"]) for r in result.history),
         "seconds_with_scoring": round(time.perf_counter() - started, 1),
         "trunk_bytes": trunk_bytes,
         "bytes_per_site_per_round": 2 * trunk_bytes,  # trunk down + trunk up
@@ -123,7 +135,8 @@ def _trunk(release: Release) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Overall score per round for each strategy, with the central reference's line."""
+    """Overall score per round for each strategy and aggregation, with the central reference's
+    line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,8 +166,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox"])
+    parser.add_argument("--aggregations", nargs="+", choices=AGGREGATIONS, default=["fedavg"])
     args = parser.parse_args()
-    result = run(args.preset, args.rounds, args.local_epochs, args.strategies)
+    result = run(args.preset, args.rounds, args.local_epochs, args.strategies, args.aggregations)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "federated_build.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / "federated_build.png")

@@ -21,10 +21,10 @@ from fedatlas.coordinator.maintenance import (
     restore_store,
     rotate_signing_key,
 )
+from fedatlas.coordinator.policy import Policy
 from fedatlas.coordinator.registry import Outcome, Registry, RegistryError, StoreLayout, init_store
 from fedatlas.coordinator.store import StoreError
 from fedatlas.coordinator.tls import DEFAULT_HOSTS, Issued, issue
-from fedatlas.coordinator.verification import Policy
 from fedatlas.shared.api import build_reference
 from fedatlas.shared.config import PRESETS, ModelConfig, TrainConfig
 from fedatlas.shared.data.h5ad import read_h5ad
@@ -37,6 +37,7 @@ from fedatlas.shared.runtime.commands import (
     settings,
     table,
 )
+from fedatlas.shared.wire.composite import CompositeStatement
 from fedatlas.shared.wire.signing import (
     NODE_KEY_STEM,
     fingerprint,
@@ -104,6 +105,32 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--norm-factor", type=float, help="largest condition row, relative to the reference (10)"
     )
     parser.add_argument("--max-bundle-bytes", type=int, help="largest bundle accepted (16 MiB)")
+    parser.add_argument(
+        "--max-condition-cells", type=int, help="most cells one condition may claim (10^7)"
+    )
+    parser.add_argument(
+        "--spread-factor",
+        type=float,
+        help="a prototype's spread (mean latent variance) within this factor of its label's (10)",
+    )
+    parser.add_argument(
+        "--radius-factor",
+        type=float,
+        help="a prototype's radius (99 %% of its cells) within this factor of its label's (3)",
+    )
+    parser.add_argument(
+        "--mean-radius-factor",
+        type=float,
+        help="a known label's mean within this many of its radius (1)",
+    )
+    parser.add_argument(
+        "--max-composite-bytes", type=int, help="largest composite a bundle may make (2 GiB)"
+    )
+    parser.add_argument(
+        "--new-labels",
+        choices=("accept", "hold"),
+        help="accept labels new to the catalogue, or hold their bundles for approval (accept)",
+    )
 
 
 def _register_reference(sections: Any) -> None:
@@ -158,7 +185,6 @@ def _register_reference(sections: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-
     out: Path = args.out
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ReleaseError(f"{out}: already exists; choose a new --out or pass --overwrite")
@@ -251,15 +277,24 @@ def _register_store_sections(sections: Any) -> None:
     revoke.add_argument("--reason", default="revoked by the operator", help="recorded reason")
     _store_command(site, "list", _list_sites, "list sites")
 
-    adaptors = _section(sections, "adaptors", "registered bundles", "list,show,approve,reject")
+    adaptors = _section(
+        sections, "adaptors", "registered bundles", "list,show,approve,reject,withdraw"
+    )
     listing = _store_command(adaptors, "list", _list_adaptors, "list registered bundles")
     listing.add_argument("--state", choices=("accepted", "held", "rejected"))
     listing.add_argument("--site-id")
+    listing.add_argument(
+        "--rejected",
+        action="store_true",
+        help="list refused submissions instead (the rejection log: site as claimed, time, "
+        "reason code, bundle id; newest first)",
+    )
     show = _store_command(adaptors, "show", _show_adaptor, "show one bundle")
     show.add_argument("bundle_id", help="bundle id (sha256:... or a unique prefix of its hex)")
     for name, handler, text in (
         ("approve", _approve, "accept a held bundle (it enters the next composite)"),
         ("reject", _reject, "reject a held bundle (its conditions become free again)"),
+        ("withdraw", _withdraw, "withdraw an accepted bundle: a new composite without it"),
     ):
         decide = _store_command(adaptors, name, handler, text)
         decide.add_argument("bundle_id", help="bundle id (sha256:... or a unique prefix)")
@@ -292,30 +327,34 @@ def _register_store_sections(sections: Any) -> None:
     server.add_argument("--new-ca", action="store_true", help="also replace the CA")
 
     audit = _section(sections, "audit", "the hash-chained audit log", "verify")
-    _store_command(
+    verify = _store_command(
         audit, "verify", _verify_audit, "check the audit chain and every stored row against it",
-        "Exit status 0 when intact, 1 when any entry or row was edited, removed or added "
-        "outside fedatlas.",
+        "Also checks that every composite's signed statement (by this coordinator's current or "
+        "a retired key) anchors an entry the chain still holds, and, with --composite, the "
+        "statements of composites that sites pulled (their signature.json): a log rewritten "
+        "with every later hash recomputed no longer matches them. Exit status 0 when intact, 1 "
+        "when any entry or row was edited, removed or added outside fedatlas.",
+    )  # fmt: skip
+    verify.add_argument(
+        "--composite", action="append", type=Path, default=[],
+        help="a composite directory a site pulled (repeatable)",
     )  # fmt: skip
 
 
 def _registry(args: argparse.Namespace) -> Registry:
-
     return Registry(args.store)
 
 
 def _policy_from(args: argparse.Namespace, base: Any) -> Any:
-
     changes = {
-        field: getattr(args, field)
-        for field in ("approval", "min_prototype_cells", "norm_factor", "max_bundle_bytes")
-        if getattr(args, field) is not None
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(Policy)
+        if getattr(args, field.name) is not None
     }
     return dataclasses.replace(base, **changes)
 
 
 def _init(args: argparse.Namespace) -> int:
-
     policy = _policy_from(args, Policy())
     hosts = list(dict.fromkeys([*(args.host or []), *DEFAULT_HOSTS]))
     layout = init_store(args.store, hosts=hosts, policy=policy)
@@ -342,7 +381,6 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-
     release = Release.load(args.release)
     with _registry(args) as registry:
         composite = registry.publish_release(release, actor="admin")
@@ -358,7 +396,6 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-
     key = load_public_key(args.public_key)
     node_path = args.node_public_key or args.public_key.with_name(f"{NODE_KEY_STEM}.pub")
     # an explicit --node-public-key must exist; the sibling of site.pub is optional
@@ -399,7 +436,6 @@ def _store_call(call: Any) -> Any:
 
 
 def _list_sites(args: argparse.Namespace) -> int:
-
     with _registry(args) as registry:
         sites = registry.store.list_sites()
         counts = registry.bundles_per_site()
@@ -444,7 +480,8 @@ def _outcome_dict(outcome: Outcome) -> dict[str, Any]:
 
 
 def _list_adaptors(args: argparse.Namespace) -> int:
-
+    if args.rejected:
+        return _list_rejections(args)
     with _registry(args) as registry:
         records = registry.store.list_bundles(state=args.state, site_id=args.site_id)
         rows = [_outcome_dict(Outcome.of(r, registry.generation_of(r.bundle_id))) for r in records]
@@ -471,8 +508,26 @@ def _list_adaptors(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_adaptor(args: argparse.Namespace) -> int:
+def _list_rejections(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        logged = registry.store.rejections(site_id=args.site_id)
+    print_result(
+        {"rejections": [dataclasses.asdict(r) for r in logged]},
+        args.json,
+        table(
+            ["BUNDLE", "SITE (CLAIMED)", "CODE", "RECEIVED", "REASON"],
+            [
+                [r.bundle_id[:19], r.site_id[:24], r.reason_code, r.received_at, r.reason[:60]]
+                for r in logged
+            ],
+        )
+        if logged
+        else ["no rejected submissions logged"],
+    )
+    return 0
 
+
+def _show_adaptor(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
         record = registry.bundle(args.bundle_id)
         adaptor = registry.adaptor(record.bundle_id)
@@ -516,8 +571,21 @@ def _reject(args: argparse.Namespace) -> int:
     return _decide(args, "rejected")
 
 
-def _show_composite(args: argparse.Namespace) -> int:
+def _withdraw(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        outcome = registry.withdraw(args.bundle_id, actor="admin", reason=args.reason)
+    print_result(
+        _outcome_dict(outcome),
+        args.json,
+        [
+            f"bundle {outcome.bundle_id}: withdrawn (now rejected)",
+            f"  composite       generation {outcome.generation}, without it",
+        ],
+    )
+    return 0
 
+
+def _show_composite(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
         record = registry.store.latest_composite()
         if record is None:
@@ -562,7 +630,6 @@ def _set_policy(args: argparse.Namespace) -> int:
 
 
 def _client_cert(args: argparse.Namespace) -> int:
-
     layout = StoreLayout(args.store)
     issued = issue(
         Issued(layout.ca_certificate, layout.ca_key),
@@ -581,7 +648,13 @@ def _client_cert(args: argparse.Namespace) -> int:
 
 def _verify_audit(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
-        problems = registry.store.verify_audit()
+        keys = registry.layout.coordinator_keys()
+        problems = registry.store.verify_audit(keys)
+        for directory in args.composite:
+            statement = CompositeStatement.load(directory)
+            problems += [
+                f"{directory}: {p}" for p in registry.store.statement_problems(statement, keys)
+            ]
         n_entries = len(registry.store.audit_entries())
     print_result(
         {"intact": not problems, "entries": n_entries, "problems": problems},
@@ -624,7 +697,6 @@ def _register_maintenance(sections: Any) -> None:
 
 
 def _backup(args: argparse.Namespace) -> int:
-
     info = backup_store(args.store, args.out)
     print_result(
         info,
@@ -641,7 +713,6 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
-
     info = restore_store(args.backup, args.store)
     print_result(
         info,
@@ -659,7 +730,6 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _rotate_key(args: argparse.Namespace) -> int:
-
     info = rotate_signing_key(args.store)
     print_result(
         info,
@@ -677,7 +747,6 @@ def _rotate_key(args: argparse.Namespace) -> int:
 
 
 def _server_cert(args: argparse.Namespace) -> int:
-
     info = renew_server_certificate(args.store, args.host, new_ca=args.new_ca)
     print_result(
         info,

@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 
 from fedatlas.coordinator.registry import Registry
 from fedatlas.shared.hashing import digest
+from fedatlas.shared.names import MAX_SITE_ID
+from fedatlas.shared.wire.codec import WireError
 from fedatlas.shared.wire.messages import (
     BUNDLE_RECORD,
     COMPOSITE_RECORD,
@@ -91,15 +93,21 @@ def wait_for_nodes(grid: Grid, min_sites: int, timeout: float) -> list[int]:
 
 
 def register_reply(registry: Registry, node: int, reply: Message) -> dict[str, Any]:
-    """Register a site's bundle reply through :meth:`Registry.submit`; the site's outcome."""
+    """Register a site's bundle reply through :meth:`Registry.submit`; the site's outcome. A
+    reply that is not a bundle reply is that site's failure, never the campaign's."""
     if reply.has_error():
         return {"node_id": node, "site_id": "", "state": "failed", "reason": str(reply.error)}
-    answer = reply.content[BUNDLE_RECORD]
-    raw = bytes_field(answer, "bundle")
+    try:
+        answer = reply.content[BUNDLE_RECORD]
+        raw = bytes_field(answer, "bundle")
+        site_id = str_field(answer, "site-id")[:MAX_SITE_ID]
+    except (KeyError, WireError) as exc:
+        return {"node_id": node, "site_id": "", "state": "failed",
+                "reason": f"not a bundle reply ({str(exc)[:200]})"}  # fmt: skip
     outcome = registry.submit(raw, actor=f"flower campaign, node {node}")
     return {
         "node_id": node,
-        "site_id": str_field(answer, "site-id"),
+        "site_id": site_id,
         "state": outcome.state,
         "reason_code": outcome.reason_code,
         "reason": outcome.reason,

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from fedatlas.coordinator.flower_runs import (
+    DEFAULT_CONTROL_PORT,
     run_campaign,
     run_federated_build,
     start_superlink,
-    sync_nodes,
 )
 from fedatlas.coordinator.server import serve_forever, start_server
 from fedatlas.coordinator.simulation import simulate
 from fedatlas.shared.config import PRESETS as PRESET_NAMES
-from fedatlas.shared.model.federated import FederatedPlan
+from fedatlas.shared.model.federated import AGGREGATIONS, FederatedPlan
 from fedatlas.shared.runtime.commands import add_subcommand, print_result, table
 from fedatlas.shared.runtime.flower import supervise
 
 NODE_SYNC_SECONDS = 5.0  # how often the SuperLink's node registrations follow the store
+# `federated-build` options for the plan's safeguards against hostile sites: field, type, help
+SAFEGUARDS = (
+    ("trim_fraction", float, "trimmed-mean cuts this share of the sites' values (rounded down) "
+     "at each end of every coordinate"),
+    ("max_site_cells", int, "the most cells a site's claim counts for"),
+    ("max_site_share", float, "the largest share of the fedavg weight one site gets; 1: no cap"),
+    ("clip_factor", float, "updates are clipped to this many times the round's median norm"),
+    ("outlier_factor", float, "an update longer than this many times the median norm is left "
+     "out of the round"),
+)  # fmt: skip
 
 
 def register(groups: Any, name: str, help_text: str) -> None:
@@ -49,13 +60,23 @@ def register(groups: Any, name: str, help_text: str) -> None:
     superlink = add_subcommand(
         commands, "superlink", _superlink, "run a Flower SuperLink beside the coordinator",
         "flower-superlink with the store's TLS material, SuperNode authentication on and "
-        "runtime dependency installation off. It accepts exactly the Flower node keys of "
-        "enrolled, non-revoked sites (followed within seconds of admin site enroll/revoke). "
-        "Prints 'superlink on "
-        "HOST:PORT' once healthy; stops with its children on SIGTERM or Ctrl-C.",
+        "runtime dependency installation off, listening on loopback only (127.0.0.1, "
+        "--control-port): there its Control API serves the coordinator's campaigns and the "
+        "operator's flwr (FLWR_HOME=STORE/flower/home). The sites' SuperNodes connect to "
+        "--address, where a proxy with the same certificate forwards Flower's Fleet API and "
+        "nothing else. It accepts exactly the Flower node keys of enrolled, non-revoked sites "
+        "(followed within seconds of admin site enroll/revoke; any other key is unregistered). "
+        "Records both addresses in STORE/flower/superlink.json. Prints 'superlink on "
+        "HOST:PORT' once serving; stops with its children on SIGTERM or Ctrl-C.",
     )  # fmt: skip
     superlink.add_argument("--store", required=True, type=Path, help="coordinator store")
-    superlink.add_argument("--address", required=True, metavar="HOST:PORT")
+    superlink.add_argument(
+        "--address", required=True, metavar="HOST:PORT", help="public address (Fleet API only)"
+    )
+    superlink.add_argument(
+        "--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+        help=f"loopback port of the SuperLink itself (Control API; {DEFAULT_CONTROL_PORT})",
+    )  # fmt: skip
 
     campaign = add_subcommand(
         commands, "campaign", _campaign, "run a federated adaptor campaign on the SuperLink",
@@ -71,10 +92,15 @@ def register(groups: Any, name: str, help_text: str) -> None:
         "The connected sites' SuperNodes send their gene names and per-batch gene dispersions "
         "(aggregates; no cell's values), the coordinator elects the highly variable genes, "
         "then each round every site trains the shared trunk and its own condition rows on "
-        "its cells and returns the trunk, which is averaged weighted by cells. The final trunk "
-        "is published as the store's current release (signed, no conditions of its own); each "
-        "site's kept rows become its adaptor, verified and registered like a campaign bundle. "
-        "Exit status 0 only when every step completed with at least --min-sites sites.",
+        "its cells and returns the trunk and its cell count. No claim is trusted: a count must "
+        "be a positive integer and weighs at most --max-site-cells and --max-site-share; each "
+        "update (trunk minus trunk sent) is clipped to --clip-factor times the round's median "
+        "update norm, and one longer than --outlier-factor times it is left out of the round "
+        "(reported per round, never fatal); the rest are combined by --aggregation. The final "
+        "trunk is published as the store's current release (signed, no conditions of its own); "
+        "each site's kept rows become its adaptor, verified and registered like a campaign "
+        "bundle. Exit status 0 only when every step completed with at least --min-sites sites "
+        "(answering, and with their update combined in every round).",
     )  # fmt: skip
     _add_run_arguments(build, min_sites="sites required at every step", timeout="seconds per step")
     build.add_argument(
@@ -92,6 +118,17 @@ def register(groups: Any, name: str, help_text: str) -> None:
     )  # fmt: skip
     build.add_argument("--finish-epochs", type=int, help="epochs of each site's final fine-tune")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--aggregation", choices=AGGREGATIONS, default=FederatedPlan.aggregation,
+        help="fedavg: mean weighted by (capped) cells; median, trimmed-mean: coordinate-wise, "
+        f"each site once ({FederatedPlan.aggregation})",
+    )  # fmt: skip
+    for field, kind, help_text in SAFEGUARDS:
+        default = getattr(FederatedPlan, field)
+        build.add_argument(
+            "--" + field.replace("_", "-"), type=kind, default=default,
+            help=f"{help_text} ({default:,})",
+        )  # fmt: skip
 
     simulate = add_subcommand(
         commands, "simulate", _simulate,
@@ -120,14 +157,17 @@ def register(groups: Any, name: str, help_text: str) -> None:
 def _add_run_arguments(parser: argparse.ArgumentParser, *, min_sites: str, timeout: str) -> None:
     """The options of every Flower run the coordinator starts on its SuperLink."""
     parser.add_argument("--store", required=True, type=Path, help="coordinator store")
-    parser.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    parser.add_argument(
+        "--superlink", metavar="HOST:PORT",
+        help="the SuperLink's Control API (default: the loopback address `coordinator "
+        "superlink` recorded in STORE/flower/superlink.json; its public address means the same)",
+    )  # fmt: skip
     parser.add_argument("--min-sites", type=int, default=1, help=min_sites)
     parser.add_argument("--timeout", type=float, default=600.0, help=timeout)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _serve(args: argparse.Namespace) -> int:
-
     server, port, registry = start_server(
         args.store,
         args.address,
@@ -144,15 +184,22 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-
-    process = start_superlink(args.store, args.address)
-    print(f"superlink on {args.address} (store {args.store})", flush=True)
-    # node registrations follow sites enrolled or revoked meanwhile
-    return supervise(process, every=NODE_SYNC_SECONDS, tick=lambda: sync_nodes(args.store))
+    # httpx logs every request at INFO: the node sync's every 5 s and each one the proxy forwards
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    with start_superlink(args.store, args.address, control_port=args.control_port) as superlink:
+        print(
+            f"superlink on {args.address} (Fleet API only; Control API on "
+            f"{superlink.addresses.control}; store {args.store})",
+            flush=True,
+        )
+        # node registrations follow sites enrolled or revoked meanwhile
+        return supervise(
+            superlink.process, every=NODE_SYNC_SECONDS, tick=superlink.tick,
+            shutdown=superlink.stop,
+        )  # fmt: skip
 
 
 def _campaign(args: argparse.Namespace) -> int:
-
     report = run_campaign(
         args.store, args.superlink, min_sites=args.min_sites, timeout=args.timeout
     )
@@ -165,7 +212,8 @@ def _federated_build(args: argparse.Namespace) -> int:
         preset=args.model, rounds=args.rounds, local_epochs=args.local_epochs,
         strategy=args.strategy, proximal_mu=args.proximal_mu if args.strategy == "fedprox" else 0.0,
         n_top_genes=args.n_top_genes, label_level=args.label_level, seed=args.seed,
-        finish_epochs=args.finish_epochs,
+        finish_epochs=args.finish_epochs, aggregation=args.aggregation,
+        **{field: getattr(args, field) for field, _, _ in SAFEGUARDS},
     )  # fmt: skip
     report = run_federated_build(
         args.store, args.superlink, plan, min_sites=args.min_sites, timeout=args.timeout
@@ -182,7 +230,12 @@ def _federated_build(args: argparse.Namespace) -> int:
         [
             f"federated build run {report['run_id']}: {status}",
             f"{len(report['rounds'])} of {plan.rounds} rounds ({plan.strategy}, "
-            f"{plan.local_epochs} local epochs); last losses {last}",
+            f"{plan.aggregation}, {plan.local_epochs} local epochs); last losses {last}",
+            *[
+                f"round {r['round']}: {site} left out: {reason}"
+                for r in report["rounds"]
+                for site, reason in r["left_out"].items()
+            ],
             f"release {report.get('release_id', '-')}, {report.get('genes', 0)} genes; "
             f"composite generation {report.get('composite_generation', 0)}",
             *table(["SITE", "NODE", "OUTCOME", "CODE", "REASON"], rows),
@@ -192,7 +245,6 @@ def _federated_build(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-
     report = simulate(args.store, args.sites_file, timeout=args.timeout, parallel=args.parallel)
     _print_campaign(report, args.json)
     return 0
@@ -207,7 +259,6 @@ def _site_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def _print_campaign(report: dict[str, Any], as_json: bool) -> None:
-
     rows = _site_rows(report) + [["-", n, "timed out", "", ""] for n in report["timed_out"]]
     print_result(
         report,

@@ -4,8 +4,12 @@ Steps (see :mod:`fedatlas.shared.model.federated`): ask every SuperNode for its 
 its gene votes over their union; elect the genes; run the FedAvg/FedProx rounds; publish the
 final trunk as a signed release in the store; send it to the sites, whose signed adaptors are
 registered through :meth:`Registry.submit` exactly like campaign bundles. A site that fails or
-does not answer a step is reported and left out of the later steps; the build stops when fewer
-than ``min-sites`` remain.
+does not answer a step, or answers with a trunk that does not fit, is reported and left out of
+the later steps. Each round's updates are combined by
+:func:`~fedatlas.shared.model.federated.aggregate_round`, which trusts no site's claim: an
+update with an invalid cell count or an outlying norm is left out of that round (reported in the
+round's record). The build stops when fewer than ``min-sites`` sites answer a step or have their
+update combined in a round.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from fedatlas.shared.data.preprocessing import GeneVotes
 from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.model.federated import (
     FederatedPlan,
+    RoundAggregate,
     RoundUpdate,
     Trunk,
-    average_trunks,
+    aggregate_round,
     elect_genes,
     federated_release,
     gene_universe,
@@ -113,30 +118,39 @@ class _Steps:
     def usable_updates(
         self, sent: Trunk, answers: Mapping[int, Message], step: str
     ) -> dict[str, RoundUpdate]:
-        """The sites' round updates whose trunk fits the one sent (others are dropped)."""
+        """The sites' round updates whose reply is well formed and whose trunk fits the one
+        sent (the other sites are dropped from the build)."""
         updates: dict[str, RoundUpdate] = {}
         for node, reply in answers.items():
             try:
+                config = reply.content[FEDERATED_RECORD]
                 returned = decode_tensors(
                     bytes_field(reply.content[TRUNK_RECORD], TENSORS), source=f"node {node}'s trunk"
                 )
-            except WireError as exc:
-                self._drop(node, step, f"unusable trunk: {exc}")
+                n_cells, loss = int_field(config, "n-cells"), float_field(config, "loss")
+            except (KeyError, WireError) as exc:
+                what = f"no {exc} record" if isinstance(exc, KeyError) else str(exc)
+                self._drop(node, step, f"unusable reply: {what}")
                 continue
             problem = trunk_problem(sent, returned)
             if problem:
                 self._drop(node, step, f"unusable trunk: {problem}")
                 continue
-            config = reply.content[FEDERATED_RECORD]
-            updates[self.site_of[node]] = RoundUpdate(
-                returned, int_field(config, "n-cells"), float_field(config, "loss")
-            )
-        if len(updates) < self.min_sites:
-            raise BuildAbortedError(
-                f"federated build stopped at {step}: {len(updates)} usable trunk(s), "
-                f"{self.min_sites} required"
-            )
+            updates[self.site_of[node]] = RoundUpdate(returned, n_cells, loss)
         return updates
+
+    def aggregate(
+        self, sent: Trunk, updates: Mapping[str, RoundUpdate], step: str
+    ) -> RoundAggregate:
+        """The round's updates combined by :func:`aggregate_round` (which leaves out invalid
+        counts and outliers); the build stops when fewer than ``min-sites`` went in."""
+        aggregate = aggregate_round(self.plan, sent, updates)
+        if len(aggregate.weights) < self.min_sites:
+            raise BuildAbortedError(
+                f"federated build stopped at {step}: {len(aggregate.weights)} usable update(s), "
+                f"{self.min_sites} required (left out: {aggregate.left_out})"
+            )
+        return aggregate
 
     def _drop(self, node: int, step: str, reason: str) -> None:
         site = self.site_of.get(node, "")
@@ -185,18 +199,19 @@ def _build(grid: Grid, store: Path, plan: FederatedPlan, timeout: float, min_sit
     log.info("federated build: %d sites, %d genes elected of %d", len(answers), len(genes),
              len(universe))  # fmt: skip
     trunk = initial_trunk(plan, len(genes))
-    n_cells: dict[str, int] = {}
+    n_cells: dict[str, int] = {}  # per site whose update went in: its (capped) count, latest
     for r in range(plan.rounds):
-        started = time.perf_counter()
+        started, step = time.perf_counter(), f"train.round {r + 1}"
         answers = steps.ask(
             sorted(answers), "train.round", {"genes": genes, "round": r},
             tensors=encode_tensors(trunk),
         )  # fmt: skip
-        updates = steps.usable_updates(trunk, answers, f"train.round {r + 1}")
+        updates = steps.usable_updates(trunk, answers, step)
         answers = {n: a for n, a in answers.items() if steps.site_of[n] in updates}
-        trunk = average_trunks([(u.trunk, u.n_cells) for u in updates.values()])
-        n_cells = {s: u.n_cells for s, u in updates.items()}
-        report["rounds"].append(round_record(r, updates, time.perf_counter() - started))
+        aggregate = steps.aggregate(trunk, updates, step)
+        trunk = aggregate.trunk
+        n_cells.update(aggregate.cells)
+        report["rounds"].append(round_record(r, updates, aggregate, time.perf_counter() - started))
         log.info("federated round %d/%d done", r + 1, plan.rounds)
     release = federated_release(
         plan, genes, trunk, n_cells=sum(n_cells.values()), sites=sorted(n_cells),

@@ -46,6 +46,7 @@ from fedatlas.shared.wire.signing import (
     load_public_key,
     load_signing_key,
     public_bytes,
+    public_pem,
     write_keypair,
     write_private_file,
 )
@@ -63,7 +64,6 @@ KEY_FILES = {
     "server.pem": False,
     "server.key": True,
 }
-RETIRED = "retired"  # STORE/retired/: keys and certificates replaced by a rotation
 KEY_META = "coordinator_key"  # audited meta entry naming the key in force after a rotation
 MAX_MEMBER_BYTES = 8 << 30  # refuse absurd archive members before reading them
 
@@ -278,6 +278,8 @@ def rotate_signing_key(store: Path) -> dict[str, Any]:
         os.replace(pair.public, layout.public_key)
     else:
         previous = signer or previous
+        if previous not in layout.coordinator_keys():  # its key file was lost in the crash
+            _retire_public_key(layout, previous)
     key = load_signing_key(layout.signing_key)
     new = public_bytes(key)
     generation = 0
@@ -290,7 +292,7 @@ def rotate_signing_key(store: Path) -> dict[str, Any]:
                 statement = sign_composite(
                     key, composite, generation=record.generation + 1,
                     base_release_id=record.base_release_id, bundle_ids=record.bundle_ids,
-                    created_at=created,
+                    created_at=created, audit_head=registry.store.audit_head(),
                 )  # fmt: skip
                 stored = registry.store.add_composite(
                     CompositeRecord(
@@ -392,13 +394,20 @@ def _certificate_hosts(path: Path) -> list[str]:
 
 def _retire(layout: StoreLayout, names: list[str]) -> None:
     """Copy ``names`` into STORE/retired/ with a timestamp before they are replaced."""
-    retired = layout.root / RETIRED
+    retired = layout.retired
     retired.mkdir(mode=0o700, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     for name in names:
         source = layout.root / name
         if source.exists():
             write_private_file(retired / f"{stamp}-{name}", source.read_bytes())
+
+
+def _retire_public_key(layout: StoreLayout, public_key: bytes) -> None:
+    """Keep a raw public key in STORE/retired/ (the composites it signed stay verifiable)."""
+    layout.retired.mkdir(mode=0o700, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    (layout.retired / f"{stamp}-coordinator.pub").write_bytes(public_pem(public_key))
 
 
 # ----------------------------------------------------------------------------- helpers

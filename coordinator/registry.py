@@ -15,29 +15,39 @@ order-independent), content-hashed, signed and stored with the next generation n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedatlas.coordinator.policy import Policy
 from fedatlas.coordinator.store import (
     BundleRecord,
     CompositeRecord,
+    RejectionRecord,
     SQLiteStore,
     StoreConflictError,
     StoreError,
     utc_now,
 )
 from fedatlas.coordinator.tls import DEFAULT_HOSTS, issue, make_ca
-from fedatlas.coordinator.verification import Policy, Reference, Rejection, verify_bundle
+from fedatlas.coordinator.verification import Reference, Rejection, verify_bundle
 from fedatlas.shared.errors import FedatlasError
 from fedatlas.shared.hashing import digest
 from fedatlas.shared.model.adaptor import Adaptor, compose
 from fedatlas.shared.model.release import Release
+from fedatlas.shared.names import MAX_SITE_ID
 from fedatlas.shared.wire.bundle import parse_bundle
 from fedatlas.shared.wire.composite import CompositeStatement, SignedComposite, sign_composite
-from fedatlas.shared.wire.signing import fingerprint, load_signing_key, public_bytes, write_keypair
+from fedatlas.shared.wire.signing import (
+    fingerprint,
+    load_public_key,
+    load_signing_key,
+    public_bytes,
+    write_keypair,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,16 @@ class StoreLayout:
     def server_key(self) -> Path:
         """The gRPC server's TLS key."""
         return self.root / "server.key"
+
+    @property
+    def retired(self) -> Path:
+        """Keys and certificates replaced by a rotation (``TIMESTAMP-NAME``)."""
+        return self.root / "retired"
+
+    def coordinator_keys(self) -> set[bytes]:
+        """Every signing key this coordinator has had: the current one and the retired."""
+        retired = sorted(self.retired.glob("*-coordinator.pub")) if self.retired.is_dir() else []
+        return {load_public_key(path) for path in [self.public_key, *retired]}
 
 
 def init_store(root: Path, *, hosts: Sequence[str] = DEFAULT_HOSTS, policy: Policy) -> StoreLayout:
@@ -152,12 +172,15 @@ class Registry:
         self._adaptors: dict[str, Adaptor] = {}
         self._releases: dict[str, Release] = {}
         self._materialized: tuple[int, Release] | None = None
+        self._candidate: tuple[str, list[str], Release] | None = None  # compose before commit
         self._encoded: tuple[int, bytes] | None = None  # the latest composite's wire form
         # composite index: content hashes per base release, first generation of each bundle
         self._indexed = 0
         self._composites_of: dict[str, list[str]] = {}
         self._first_generation: dict[str, int] = {}
         self._reference: tuple[tuple[str, int], Reference] | None = None
+        self._uncomposable: list[str] | None = None  # accepted bundles that did not compose
+        self.problem = ""  # why the latest composite lacks an accepted bundle ("" if it does not)
 
     def close(self) -> None:
         """Close the store."""
@@ -220,14 +243,20 @@ class Registry:
         return self._releases[release_id]
 
     def reference(self) -> Reference:
-        """What bundles are verified against: the current release and its composites' ids."""
+        """What bundles are verified against: the current release, its composites' ids and the
+        latest composite's prototype catalogue."""
         with self._lock:
             release = self.current_release()
             self._index_composites()
             ids = self._composites_of.get(release.content_hash, [])
             key = (release.content_hash, len(ids))
             if self._reference is None or self._reference[0] != key:
-                self._reference = (key, Reference.of(release, ids))
+                latest = self.store.latest_composite()
+                catalogue = None
+                if latest is not None and latest.base_release_id == release.content_hash:
+                    composite = self._materialize(latest)
+                    catalogue = [composite.prototypes(lv) for lv in release.label_levels]
+                self._reference = (key, Reference.of(release, ids, catalogue))
             return self._reference[1]
 
     def _index_composites(self) -> None:
@@ -259,14 +288,16 @@ class Registry:
         policy = self.policy
         try:
             verified = verify_bundle(raw, self.store, self.reference(), policy)
+            self._check_composable(bundle_id, verified.adaptor, policy.max_composite_bytes)
         except Rejection as rejection:
-            return _rejected(bundle_id, raw, rejection)
-        state = "accepted" if policy.approval == "auto" else "held"
+            return self._rejected(bundle_id, raw, rejection, actor)
+        held = policy.approval == "hold" or (verified.new_labels and policy.new_labels == "hold")
+        state = "held" if held else "accepted"
         record = BundleRecord(
             bundle_id=bundle_id,
             site_id=verified.site.site_id,
-            release_id=verified.bundle.message.release_id,
-            nonce=verified.bundle.nonce,
+            release_id=verified.fields.release_id,
+            nonce=bytes(verified.fields.nonce),
             conditions=tuple(verified.adaptor.condition_names),
             state=state,
             blob=raw,
@@ -284,7 +315,7 @@ class Registry:
             try:  # another request took a condition or the nonce since the checks: say which
                 verify_bundle(raw, self.store, self.reference(), policy)
             except Rejection as rejection:
-                return _rejected(bundle_id, raw, rejection)
+                return self._rejected(bundle_id, raw, rejection, actor)
             raise
         self._adaptors[bundle_id] = verified.adaptor
         log.info("registered bundle %s from %s: %s", bundle_id[:19], record.site_id, state)
@@ -310,6 +341,19 @@ class Registry:
                 generation = composite.generation if composite else 0
             return Outcome.of(self.bundle(record.bundle_id), generation)
 
+    def withdraw(self, bundle_id: str, *, actor: str, reason: str) -> Outcome:
+        """Withdraw an accepted bundle: the next composite generation is built without it (its
+        conditions become free again); audited as ``bundle.withdraw``."""
+        with self._lock:
+            record = self.bundle(bundle_id)
+            try:
+                self.store.withdraw_bundle(record.bundle_id, actor=actor, reason=reason)
+            except StoreError as exc:
+                raise RegistryError(str(exc)) from None
+            composite = self.ensure_composite(actor=actor)
+            outcome = Outcome.of(self.bundle(record.bundle_id), 0)
+            return dataclasses.replace(outcome, generation=composite.generation if composite else 0)
+
     def bundle(self, bundle_id: str) -> BundleRecord:
         """A stored bundle by id or unique prefix of its hex digest."""
         record = self.store.get_bundle(bundle_id)
@@ -323,10 +367,31 @@ class Registry:
         return record
 
     def status(self, bundle_id: str) -> Outcome | None:
-        """The recorded outcome of a stored bundle (None when unknown or rejected on arrival)."""
+        """The recorded outcome of a bundle: a stored one's, else its latest logged rejection
+        (None when the coordinator never saw it, or its rejection left the log)."""
         with self._lock:
             record = self.store.get_bundle(bundle_id)
-            return None if record is None else Outcome.of(record, self.generation_of(bundle_id))
+            if record is not None:
+                return Outcome.of(record, self.generation_of(bundle_id))
+            logged = self.store.rejections(bundle_id=bundle_id, limit=1)
+            if not logged:
+                return None
+            r = logged[0]
+            return Outcome(r.bundle_id, "rejected", r.site_id, r.reason_code, r.reason,
+                           received_at=r.received_at)  # fmt: skip
+
+    def _rejected(self, bundle_id: str, raw: bytes, rejection: Rejection, actor: str) -> Outcome:
+        """The outcome of a refused submission, logged (never its bytes)."""
+        log.info("rejected bundle %s: %s", bundle_id[:19], rejection)
+        received = utc_now()
+        outcome = Outcome(bundle_id, "rejected", _claimed_site(raw), rejection.code,
+                          rejection.message, received_at=received)  # fmt: skip
+        self.store.add_rejection(
+            RejectionRecord(
+                bundle_id, outcome.site_id, rejection.code, rejection.message, received, actor
+            )
+        )
+        return outcome
 
     def bundles_per_site(self) -> dict[str, int]:
         """How many bundles each site has registered (any state)."""
@@ -377,12 +442,15 @@ class Registry:
                 and sorted(latest.bundle_ids) == wanted
             ):
                 return latest
-            composite = compose(release, [self.adaptor(b) for b in wanted])
+            composite = self._compose_or_explain(release, wanted)
+            if composite is None:
+                return latest  # the last good composite; problem says why
             generation = (latest.generation if latest else 0) + 1
             created = utc_now()
             statement = sign_composite(
                 self._key, composite, generation=generation,
                 base_release_id=release.content_hash, bundle_ids=wanted, created_at=created,
+                audit_head=self.store.audit_head(),
             )  # fmt: skip
             record = CompositeRecord(
                 generation=generation,
@@ -408,23 +476,79 @@ class Registry:
             )  # fmt: skip
             return record
 
+    def _compose_or_explain(self, release: Release, wanted: list[str]) -> Release | None:
+        """The composite of ``release`` and the bundles ``wanted``, or None when they do not
+        compose (a bundle stored by an earlier version, a damaged blob): the reason is logged
+        and kept in :attr:`problem`, and the same set is not tried again."""
+        if self._uncomposable == wanted:
+            return None
+        if self._candidate is not None and self._candidate[:2] == (release.content_hash, wanted):
+            return self._candidate[2]  # checked when its last bundle arrived
+        try:
+            composite = compose(release, [self.adaptor(b) for b in wanted])
+        except (FedatlasError, ValueError, OverflowError) as exc:
+            self._uncomposable = wanted
+            self.problem = (
+                f"the accepted bundles do not compose ({exc}); serving the last good composite. "
+                "Withdraw the bundle named with `fedatlas admin adaptors withdraw BUNDLE`"
+            )
+            log.error("%s", self.problem)
+            return None
+        self._uncomposable, self.problem = None, ""
+        return composite
+
+    def _check_composable(self, bundle_id: str, adaptor: Adaptor, limit: int) -> None:
+        """Raise ``uncomposable`` unless the latest composite with ``adaptor`` builds and stays
+        within ``limit`` bytes (compose before commit). The candidate is kept for the composite
+        that follows its acceptance."""
+        with self._lock:
+            release = self.current_release()
+            latest = self.store.latest_composite()
+            bundles = (
+                latest.bundle_ids
+                if latest and latest.base_release_id == release.content_hash
+                else ()
+            )
+            try:
+                candidate = compose(release, [*(self.adaptor(b) for b in bundles), adaptor])
+            except (FedatlasError, ValueError, OverflowError) as exc:
+                raise Rejection(
+                    "uncomposable", f"the composite with it does not build: {exc}"
+                ) from None
+            size = len(candidate.manifest_json()) + sum(
+                t.numel() * t.element_size() for t in candidate.tensors.values()
+            )
+            if size > limit:
+                raise Rejection(
+                    "uncomposable",
+                    f"the composite with it would hold {size:,} bytes, more than the "
+                    f"{limit:,} this coordinator allows",
+                )
+            self._candidate = (release.content_hash, sorted([*bundles, bundle_id]), candidate)
+
+    def _materialize(self, record: CompositeRecord) -> Release:
+        """The composite of ``record``, recomposed from its bundles and checked against its
+        hash (cached for the latest generation)."""
+        if self._materialized is None or self._materialized[0] != record.generation:
+            base = self._release(record.base_release_id)
+            composite = compose(base, [self.adaptor(b) for b in record.bundle_ids])
+            if composite.content_hash != record.content_hash:
+                raise RegistryError(
+                    f"composite generation {record.generation} does not recompose to its "
+                    f"recorded hash {record.content_hash}; run `fedatlas admin audit verify`"
+                )
+            self._materialized = (record.generation, composite)
+        return self._materialized[1]
+
     def current_composite(self) -> tuple[CompositeRecord, Release, CompositeStatement]:
         """The latest composite with its weights (recomposed and checked when not cached)."""
         with self._lock:
             record = self.ensure_composite(actor="coordinator")
             if record is None:
                 raise RegistryError("no reference release is published yet")
-            if self._materialized is None or self._materialized[0] != record.generation:
-                base = self._release(record.base_release_id)
-                composite = compose(base, [self.adaptor(b) for b in record.bundle_ids])
-                if composite.content_hash != record.content_hash:
-                    raise RegistryError(
-                        f"composite generation {record.generation} does not recompose to its "
-                        f"recorded hash {record.content_hash}; run `fedatlas admin audit verify`"
-                    )
-                self._materialized = (record.generation, composite)
+            composite = self._materialize(record)
             statement = CompositeStatement(record.statement_json, record.signature)
-            return record, self._materialized[1], statement
+            return record, composite, statement
 
     def composite_bytes(self) -> tuple[CompositeRecord, bytes]:
         """The latest composite in its one wire form (:meth:`SignedComposite.encode`, what gRPC
@@ -436,14 +560,9 @@ class Registry:
             return record, self._encoded[1]
 
 
-def _rejected(bundle_id: str, raw: bytes, rejection: Rejection) -> Outcome:
-    log.info("rejected bundle %s: %s", bundle_id[:19], rejection)
-    return Outcome(bundle_id, "rejected", _claimed_site(raw), rejection.code, rejection.message)
-
-
 def _claimed_site(raw: bytes) -> str:
-    """The site id a (possibly broken) bundle claims, for the rejection record."""
+    """The site id a (possibly broken) bundle claims, for the rejection log (bounded)."""
     try:
-        return parse_bundle(raw).site_id
+        return parse_bundle(raw).site_id[:MAX_SITE_ID]
     except FedatlasError:
         return ""

@@ -44,8 +44,20 @@ def status_message(outcome: Outcome) -> pb.SubmissionStatus:
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The ``fedatlas.v1.Coordinator`` service over a :class:`Registry`."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, *, clients_authenticated: bool) -> None:
         self.registry = registry
+        # listings name every site and condition: only for clients with a certificate
+        self.clients_authenticated = clients_authenticated
+
+    def _require_client_certificate(self, context: Any) -> None:
+        if not self.clients_authenticated:
+            _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "listing sites and adaptors needs mutual TLS: the coordinator must run with "
+                "`coordinator serve --require-client-cert`, and the caller needs a client "
+                "certificate (`admin tls client-cert`)",
+            )
 
     def GetComposite(self, request: pb.GetCompositeRequest, context: Any) -> Iterator[Any]:
         """Stream the current composite: a header, then its wire form in pieces."""
@@ -81,14 +93,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no bundle {request.bundle_id} is registered (rejected bundles are not kept)",
+                f"no bundle {request.bundle_id} was received (or its rejection left the log)",
             )
         return status_message(outcome)
 
     def ListAdaptors(
         self, request: pb.ListAdaptorsRequest, context: Any
     ) -> pb.ListAdaptorsResponse:
-        """Registered bundles (optionally of one site)."""
+        """Registered bundles (optionally of one site); mutual TLS only."""
+        self._require_client_certificate(context)
         records = self.registry.store.list_bundles(site_id=request.site_id or None)
         return pb.ListAdaptorsResponse(
             adaptors=[
@@ -98,7 +111,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     def ListSites(self, request: pb.ListSitesRequest, context: Any) -> pb.ListSitesResponse:
-        """Enrolled and revoked sites."""
+        """Enrolled and revoked sites; mutual TLS only."""
+        self._require_client_certificate(context)
         counts = self.registry.bundles_per_site()
         return pb.ListSitesResponse(
             sites=[
@@ -149,7 +163,8 @@ def start_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(registry), server)
+    service = CoordinatorService(registry, clients_authenticated=require_client_cert)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
     try:
         port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:

@@ -2,25 +2,32 @@
 
 Every check has a stable reason code (returned to the site with a sentence that says what was
 wrong and what was expected). The same function serves the gRPC submit and the Flower campaign.
+The order matters: only the outer message is decoded before the signature is checked with the
+site's enrolled key, over the exact bytes the site signed; then the signed body is decoded, its
+JSON parsed strictly, and every number and name bounded (:mod:`fedatlas.shared.names`,
+:mod:`fedatlas.coordinator.prototype_checks`). Whatever the bytes, the result is a
+:class:`Verified` bundle or a :class:`Rejection`, never another exception.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from fedatlas.coordinator.policy import Policy
+from fedatlas.coordinator.prototype_checks import PrototypeProblem, check_prototypes
 from fedatlas.coordinator.store import SiteRecord, Store
-from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.hashing import dtype_name
 from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.prototypes import PrototypeSet
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
 from fedatlas.shared.model.surgery import split
+from fedatlas.shared.names import condition_problem, site_id_problem
 from fedatlas.shared.wire.bundle import (
     NONCE_BYTES,
     BundleError,
@@ -28,14 +35,16 @@ from fedatlas.shared.wire.bundle import (
     SignedBundle,
     parse_bundle,
 )
-from fedatlas.shared.wire.signing import fingerprint
+from fedatlas.shared.wire.signing import PUBLIC_KEY_BYTES, fingerprint
 
-Approval = Literal["auto", "hold"]
+MAX_CONDITIONS = 1_000  # conditions (batches) one bundle may bring
+MAX_HASH_TEXT = 80  # "sha256:" and 64 hex digits
+MAX_TIME_TEXT = 64
 
 # reason code -> what it means (also the documentation of the codes)
 REASONS: dict[str, str] = {
     "oversize": "the bundle is larger than the coordinator accepts",
-    "malformed": "the bytes are not a well-formed fedatlas bundle",
+    "malformed": "the bytes are not a well-formed fedatlas bundle, or a field is out of bounds",
     "unknown_site": "no site with this id is enrolled",
     "revoked_site": "the site's enrolment was revoked",
     "key_mismatch": "the bundle is signed by a key other than the site's enrolled key",
@@ -43,47 +52,17 @@ REASONS: dict[str, str] = {
     "replayed_nonce": "another bundle of this site already used this nonce",
     "wrong_release": "the adaptor was not trained against the coordinator's current reference",
     "condition_owned": "a condition of the bundle already belongs to the reference or a site",
+    "bad_condition": "a condition name is not SITE_ID/BATCH with a safe batch name",
     "bad_tensors": "tensor names, shapes or dtypes do not fit the reference",
     "non_finite": "a tensor holds NaN or infinite values",
     "norm_outlier": "condition parameters are far larger than any the reference has",
     "small_prototype": "a prototype aggregates fewer cells than the coordinator requires",
+    "implausible_count": "a count is more than the policy or the bundle's own conditions allow",
+    "bad_label": "a label holds characters that could mislead, or is reserved",
+    "confusable_label": "a new label looks like another label of the catalogue",
+    "prototype_outlier": "a prototype sits or spreads unlike its label in the catalogue",
+    "uncomposable": "the composite with the bundle cannot be built or would exceed its limits",
 }
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The coordinator's acceptance policy (stored in the registry, set by the operator).
-
-    Attributes:
-        approval: ``auto`` registers verified bundles as accepted; ``hold`` keeps them for an
-            operator to approve or reject.
-        min_prototype_cells: smallest cell count a prototype may aggregate (k).
-        norm_factor: a condition row may be at most this many times longer (L2) than the
-            longest row of the same table in the reference.
-        max_bundle_bytes: largest serialised bundle accepted.
-    """
-
-    approval: Approval = "auto"
-    min_prototype_cells: int = 10
-    norm_factor: float = 10.0
-    max_bundle_bytes: int = 16 << 20
-
-    def __post_init__(self) -> None:
-        if self.approval not in ("auto", "hold"):
-            raise ConfigError(f"approval must be auto or hold, got {self.approval!r}")
-        if self.min_prototype_cells < 1 or self.norm_factor <= 1 or self.max_bundle_bytes < 1:
-            raise ConfigError(
-                "min_prototype_cells must be >= 1, norm_factor > 1, max_bundle_bytes >= 1"
-            )
-
-    def to_json(self) -> str:
-        """Stored form."""
-        return json.dumps(self.__dict__, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> Policy:
-        """Inverse of :meth:`to_json` (the defaults when nothing is stored)."""
-        return cls(**json.loads(text)) if text else cls()
 
 
 @dataclass(frozen=True)
@@ -99,15 +78,23 @@ class Rejection(Exception):  # noqa: N818 (a verdict, not an error of the coordi
 
 @dataclass(frozen=True)
 class Reference:
-    """What bundles are checked against: the current release and the ids of its composites."""
+    """What bundles are checked against: the current release, the ids of its composites and
+    the current composite's prototype catalogue (one set per label level)."""
 
     release: Release
     accepted_ids: frozenset[str]  # the release's id and its composites' content hashes
+    catalogue: tuple[PrototypeSet, ...] = ()
     table_norms: dict[str, float] = field(default_factory=dict)  # longest row per table
 
     @classmethod
-    def of(cls, release: Release, composite_ids: Iterable[str]) -> Reference:
-        """The reference for ``release`` and its composites."""
+    def of(
+        cls,
+        release: Release,
+        composite_ids: Iterable[str],
+        catalogue: Sequence[PrototypeSet] | None = None,
+    ) -> Reference:
+        """The reference for ``release``, its composites and the catalogue in force (default:
+        the release's own prototypes)."""
         tables = split(release.model_tensors())[1]
         norms = {
             MODEL_PREFIX + name: float(torch.linalg.vector_norm(t.double(), dim=-1).max())
@@ -115,16 +102,21 @@ class Reference:
             else 0.0
             for name, t in tables.items()
         }
-        return cls(release, frozenset({release.content_hash, *composite_ids}), norms)
+        if catalogue is None:
+            catalogue = [release.prototypes(level) for level in release.label_levels]
+        ids = frozenset({release.content_hash, *composite_ids})
+        return cls(release, ids, tuple(catalogue), norms)
 
 
 @dataclass(frozen=True)
 class Verified:
-    """A bundle that passed every check."""
+    """A bundle that passed every check, with its signed fields and adaptor."""
 
     bundle: SignedBundle
+    fields: Any  # the signed BundleBody
     adaptor: Adaptor
     site: SiteRecord
+    new_labels: tuple[str, ...]  # labels the catalogue did not have
 
 
 def verify_bundle(raw: bytes, store: Store, reference: Reference, policy: Policy) -> Verified:
@@ -136,34 +128,57 @@ def verify_bundle(raw: bytes, store: Store, reference: Reference, policy: Policy
         )  # fmt: skip
     try:
         bundle = parse_bundle(raw)
-        bundle.adaptor_content()
     except BundleError as exc:
         raise Rejection("malformed", str(exc)) from None
     site = _check_site(bundle, store)
+    if bundle.legacy:
+        raise Rejection(
+            "malformed", "bundle format 1 is no longer accepted; prepare it with a current fedatlas"
+        )
     if not bundle.signature_valid(site.public_key):
         raise Rejection("bad_signature", "the Ed25519 signature does not verify")
-    if len(bundle.nonce) != NONCE_BYTES:
-        raise Rejection("malformed", f"nonce of {len(bundle.nonce)} bytes, expected {NONCE_BYTES}")
-    previous = store.find_nonce(site.site_id, bundle.nonce)
+    try:
+        fields = bundle.fields()
+        _check_field_sizes(fields)
+        content = bundle.adaptor_content()
+    except BundleError as exc:
+        raise Rejection("malformed", str(exc)) from None
+    nonce = bytes(fields.nonce)
+    previous = store.find_nonce(site.site_id, nonce)
     if previous is not None:
         raise Rejection(
-            "replayed_nonce", f"nonce {bundle.nonce.hex()} was already used by bundle {previous}"
+            "replayed_nonce", f"nonce {nonce.hex()} was already used by bundle {previous}"
         )
-    _check_release(bundle, reference)
+    _check_release(fields, reference)
+    _check_consistency(bundle, fields, content)
     try:
         adaptor = bundle.adaptor()
-    except BundleHashError as exc:  # the tensors are not those the signed content lists
-        raise Rejection("bad_signature", str(exc)) from None
+    except BundleHashError as exc:  # signed by the site, but not what its content lists
+        raise Rejection("malformed", str(exc)) from None
     except BundleError as exc:
         raise Rejection("bad_tensors", str(exc)) from None
-    _check_consistency(bundle, adaptor)
-    _check_conditions(adaptor, store, reference)
+    _check_conditions(adaptor, store, reference, policy)
     _check_tensors(adaptor, reference)
-    _check_values(adaptor, reference, policy)
-    return Verified(bundle, adaptor, site)
+    new_labels = _check_values(adaptor, reference, policy)
+    return Verified(bundle, fields, adaptor, site, tuple(new_labels))
+
+
+def _check_field_sizes(fields: Any) -> None:
+    """The signed body's fields within their bounds (the adaptor JSON is bounded when read)."""
+    if len(fields.nonce) != NONCE_BYTES:
+        raise BundleError(f"nonce of {len(fields.nonce)} bytes, expected {NONCE_BYTES}")
+    for name, limit in (("release_id", MAX_HASH_TEXT), ("trunk_id", MAX_HASH_TEXT),
+                        ("created_at", MAX_TIME_TEXT)):  # fmt: skip
+        if len(getattr(fields, name)) > limit:
+            raise BundleError(
+                f"{name} of {len(getattr(fields, name)):,} characters, at most {limit}"
+            )
 
 
 def _check_site(bundle: SignedBundle, store: Store) -> SiteRecord:
+    problem = site_id_problem(bundle.site_id)
+    if problem:
+        raise Rejection("malformed", problem)
     site = store.get_site(bundle.site_id)
     if site is None:
         raise Rejection(
@@ -172,6 +187,8 @@ def _check_site(bundle: SignedBundle, store: Store) -> SiteRecord:
     if site.status != "enrolled":
         raise Rejection("revoked_site", f"site {bundle.site_id!r} was revoked on {site.revoked_at}")
     signer = bytes(bundle.message.signer_public_key)
+    if len(signer) != PUBLIC_KEY_BYTES:
+        raise Rejection("malformed", f"signer key of {len(signer)} bytes, expected 32")
     if signer != site.public_key:
         raise Rejection(
             "key_mismatch",
@@ -181,11 +198,9 @@ def _check_site(bundle: SignedBundle, store: Store) -> SiteRecord:
     return site
 
 
-def _check_release(bundle: SignedBundle, reference: Reference) -> None:
-    release_id = bundle.message.release_id
-    if release_id not in reference.accepted_ids or (
-        bundle.message.trunk_id != reference.release.trunk_id
-    ):
+def _check_release(fields: Any, reference: Reference) -> None:
+    release_id = fields.release_id
+    if release_id not in reference.accepted_ids or fields.trunk_id != reference.release.trunk_id:
         raise Rejection(
             "wrong_release",
             f"trained against {release_id}, which is not release "
@@ -194,24 +209,24 @@ def _check_release(bundle: SignedBundle, reference: Reference) -> None:
         )
 
 
-def _check_consistency(bundle: SignedBundle, adaptor: Adaptor) -> None:
-    content = adaptor.content
+def _check_consistency(bundle: SignedBundle, fields: Any, content: dict[str, Any]) -> None:
     for key, expected in (
         ("site_id", bundle.site_id),
-        ("release_id", bundle.message.release_id),
-        ("trunk_id", bundle.message.trunk_id),
+        ("release_id", fields.release_id),
+        ("trunk_id", fields.trunk_id),
     ):
-        if content.get(key) != expected:
+        if content[key] != expected:
             raise Rejection(
-                "malformed", f"the adaptor's {key} {content.get(key)!r} differs from the "
+                "malformed", f"the adaptor's {key} {content[key]!r} differs from the "
                 f"bundle's {expected!r}",
             )  # fmt: skip
 
 
-def _check_conditions(adaptor: Adaptor, store: Store, reference: Reference) -> None:
+def _check_conditions(adaptor: Adaptor, store: Store, reference: Reference, policy: Policy) -> None:
+    conditions = adaptor.content["conditions"]
     names = adaptor.condition_names
-    if not names:
-        raise Rejection("malformed", "the adaptor has no conditions")
+    if not names or len(names) > MAX_CONDITIONS:
+        raise Rejection("malformed", f"the adaptor has {len(names)} conditions (1 to 1,000)")
     if len(set(names)) != len(names):
         raise Rejection("malformed", "the adaptor lists a condition twice")
     release_conditions = set(reference.release.condition_names)
@@ -226,11 +241,15 @@ def _check_conditions(adaptor: Adaptor, store: Store, reference: Reference) -> N
                 "condition_owned",
                 f"condition {name!r} already belongs to site {owner[0]!r} (bundle {owner[1]})",
             )
-        if not name.startswith(adaptor.site_id + "/"):
+    for condition in conditions:
+        problem = condition_problem(condition["name"], adaptor.site_id)
+        if problem:
+            raise Rejection("bad_condition", problem)
+        if not 1 <= condition["n_cells"] <= policy.max_condition_cells:
             raise Rejection(
-                "condition_owned",
-                f"condition {name!r} is outside site {adaptor.site_id!r}'s namespace "
-                f"({adaptor.site_id}/BATCH)",
+                "implausible_count",
+                f"condition {condition['name']!r} claims {condition['n_cells']:,} cells; this "
+                f"coordinator accepts 1 to {policy.max_condition_cells:,} per condition",
             )
 
 
@@ -281,34 +300,29 @@ def _check_tensors(adaptor: Adaptor, reference: Reference) -> None:
         ) from None
 
 
-def _check_values(adaptor: Adaptor, reference: Reference, policy: Policy) -> None:
+def _check_values(adaptor: Adaptor, reference: Reference, policy: Policy) -> list[str]:
+    """Finite tensors, condition rows of plausible length, prototypes within the catalogue's
+    bounds; returns the labels new to the catalogue."""
     for name, tensor in sorted(adaptor.tensors.items()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise Rejection("non_finite", f"tensor {name!r} holds NaN or infinite values")
     for name, limit in reference.table_norms.items():
         _check_norms(name, adaptor.tensors[name], limit, policy.norm_factor)
+    claimed = sum(int(c["n_cells"]) for c in adaptor.content["conditions"])
+    new: list[str] = []
     for i, level in enumerate(reference.release.label_levels):
-        pset = adaptor.prototypes(i)
-        if len(pset) and int(pset.counts.min()) < policy.min_prototype_cells:
-            small = [
-                f"{label} ({count})"
-                for label, count in zip(pset.labels, pset.counts.tolist(), strict=True)
-                if count < policy.min_prototype_cells
-            ]
-            raise Rejection(
-                "small_prototype",
-                f"level {level!r}: prototypes over fewer than {policy.min_prototype_cells} "
-                f"cells: {', '.join(small)}",
+        means = torch.from_numpy(adaptor.prototypes(i).means)
+        known_means = torch.from_numpy(reference.catalogue[i].means)
+        if known_means.shape[0]:
+            limit = float(torch.linalg.vector_norm(known_means, dim=-1).max())
+            _check_norms(f"{prototype_prefix(i)}.mean", means, limit, policy.norm_factor)
+        try:
+            new += check_prototypes(
+                level, adaptor.prototypes(i), reference.catalogue[i], claimed, policy
             )
-        if len(pset) and (pset.variances < 0).any():
-            raise Rejection("bad_tensors", f"level {level!r}: negative prototype variances")
-        release_means = reference.release.prototypes(level).means
-        if len(pset) and release_means.shape[0]:
-            limit = float(torch.linalg.vector_norm(torch.from_numpy(release_means), dim=-1).max())
-            _check_norms(
-                f"{prototype_prefix(i)}.mean", torch.from_numpy(pset.means), limit,
-                policy.norm_factor,
-            )  # fmt: skip
+        except PrototypeProblem as problem:
+            raise Rejection(problem.code, problem.message) from None
+    return new
 
 
 def _check_norms(name: str, rows: Tensor, reference_max: float, factor: float) -> None:

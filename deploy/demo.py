@@ -214,7 +214,6 @@ def _without(adata: ad.AnnData, column: str) -> ad.AnnData:
 
 
 def _campaign(store: Path, superlink: str, n_sites: int, timeout: float) -> dict[str, Any]:
-
     return run_campaign(store, superlink, min_sites=n_sites, timeout=timeout)
 
 

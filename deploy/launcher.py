@@ -1,9 +1,10 @@
 """Start fedatlas' services on one machine (loopback) and stop every one of them, whatever happens.
 
 The demo and the tests run a whole federation with it: ``coordinator serve`` (gRPC, TLS, the
-SQLite store), ``coordinator superlink`` (Flower) and one ``site node`` per site, each a real
-child process with its own log. Real deployments run the same commands from the systemd units
-in ``deploy/systemd/``.
+SQLite store), ``coordinator superlink`` (Flower: the SuperLink on loopback behind its
+Fleet-only proxy, as deployed) and one ``site node`` per site, each a real child process with
+its own log. Real deployments run the same commands from the systemd units in
+``deploy/systemd/``.
 
 :class:`LocalLauncher` is a context manager: leaving it (normally, on an exception, or on
 Ctrl-C/SIGTERM turned into :class:`KeyboardInterrupt` by :func:`interrupt_on_sigterm`) stops the
@@ -124,11 +125,15 @@ class LocalLauncher:
         return f"127.0.0.1:{match.group(2)}"
 
     def superlink(self, store: Path) -> str:
-        """``coordinator superlink`` on a free loopback port; its address once healthy."""
+        """``coordinator superlink`` on free loopback ports; once it serves, its public (Fleet
+        API) address, which the sites' nodes use. The coordinator's runs find its Control API
+        through the store (``coordinator campaign`` needs no ``--superlink``)."""
         address = f"127.0.0.1:{free_port()}"
         service = self.start(
-            "superlink", ["coordinator", "superlink", "--store", str(store), "--address", address]
-        )
+            "superlink",
+            ["coordinator", "superlink", "--store", str(store), "--address", address,
+             "--control-port", str(free_port())],
+        )  # fmt: skip
         wait_for_text(service, re.escape("superlink on"))
         return address
 

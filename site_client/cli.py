@@ -32,6 +32,7 @@ from fedatlas.shared.runtime.flower import flower_bin, flower_env, supervise
 from fedatlas.shared.wire.codec import state_from_wire
 from fedatlas.shared.wire.signing import (
     NODE_KEY_STEM,
+    check_node_private_key,
     fingerprint,
     load_public_key,
     load_signing_key,
@@ -548,6 +549,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _node(args: argparse.Namespace) -> int:
     load_signing_key(args.key)  # refuse a missing or unsafe key before anything starts
     node_key = args.key.with_name(f"{NODE_KEY_STEM}.key")
+    check_node_private_key(node_key)
     settings = NodeSettings(
         source=DataSource(
             args.data.resolve(), args.batch_key, (args.label_key,) if args.label_key else ()

@@ -16,9 +16,10 @@ from typing import Any
 from fedatlas.deploy.launcher import FEDATLAS, Service, free_port
 from fedatlas.deploy.launcher import SERVING as READY
 from fedatlas.deploy.launcher import wait_for_text as wait_for_pattern
+from fedatlas.shared.runtime.flower import stop
 
 __all__ = ["FEDATLAS", "Coordinator", "fedatlas", "fedatlas_json", "free_port", "start_fedatlas",
-           "wait_for_text"]  # fmt: skip
+           "start_superlink", "wait_for_text", "wait_refused"]  # fmt: skip
 
 
 def fedatlas(
@@ -111,6 +112,28 @@ def start_fedatlas(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+def start_superlink(store: Path, address: str, log: Path) -> subprocess.Popen[bytes]:
+    """``fedatlas coordinator superlink`` for ``store``: the Fleet API on the public ``address``,
+    the SuperLink itself (Control API) on a free loopback port; a child process logging to
+    ``log`` (wait for "superlink on" in it)."""
+    return start_fedatlas(
+        ["coordinator", "superlink", "--store", str(store), "--address", address,
+         "--control-port", str(free_port())],
+        log,
+    )  # fmt: skip
+
+
 def wait_for_text(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
     """Wait until ``text`` appears in ``log`` (fail if ``process`` exits first)."""
     wait_for_pattern(Service(log.stem, process, log), re.escape(text), timeout)
+
+
+def wait_refused(node: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    """Wait for a SuperNode (``site node`` or ``flower-supernode``) to exit, and check that the
+    SuperLink refused it: its key is not registered."""
+    try:
+        node.wait(timeout=timeout)
+    finally:
+        stop(node)
+    assert node.returncode != 0
+    assert "Failed to activate SuperNode" in log.read_text(errors="replace")

@@ -10,11 +10,14 @@ import pytest
 import torch
 from anndata import AnnData
 from conftest import cells_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.shared.errors import AdaptorError
 from fedatlas.shared.model.adaptor import Adaptor, compose
 from fedatlas.shared.model.mapping import MappingOptions, MappingResult, map_onto
+from fedatlas.shared.model.prototypes import PrototypeSet, capped_merge
 from fedatlas.shared.model.reference import BuildResult
 from fedatlas.shared.model.release import Release
 
@@ -77,22 +80,39 @@ def test_composite_embeds_each_site_as_its_own_mapping_did(
         np.testing.assert_allclose(again.latent, mapped[site].latent, rtol=0, atol=1e-5)
 
 
-def test_catalogue_merges_prototypes_by_cell_count(
+def test_catalogue_merges_sites_with_capped_weights(
     tiny_builds: dict[str, BuildResult], mapped: dict[str, MappingResult]
 ) -> None:
+    """A label the reference lacks: each site weighs at most the median of the sites' counts
+    (for a reference label, at most the reference's count), three sources merge by weighted
+    coordinate-wise median, and the composite says who gave what."""
     release = tiny_builds["scpoli"].release
     composite = compose(release, _adaptors(mapped))
     merged = composite.prototypes("cell_type")
     assert "D" in merged.labels
     assert "D" not in release.prototypes("cell_type").labels
     i = merged.labels.index("D")
-    site_sets = [m.adaptor.prototypes(0) for m in mapped.values() if m.adaptor]
-    counts = [s.counts[s.labels.index("D")] for s in site_sets]
-    means = [s.means[s.labels.index("D")].astype(np.float64) for s in site_sets]
-    assert merged.counts[i] == sum(counts)
-    expected = sum(c * m for c, m in zip(counts, means, strict=True)) / sum(counts)
-    np.testing.assert_allclose(merged.means[i], expected, rtol=1e-6)
+    site_sets = {s: m.adaptor.prototypes(0) for s, m in mapped.items() if m.adaptor}
+    counts = {s: int(p.counts[p.labels.index("D")]) for s, p in site_sets.items()}
+    cap = int(np.median(list(counts.values())))
+    weights = {s: min(n, cap) for s, n in counts.items()}
+    assert max(counts.values()) > cap  # the cap binds for one site here
+    assert merged.counts[i] == sum(weights.values())
+    means = {s: p.means[p.labels.index("D")].astype(np.float64) for s, p in site_sets.items()}
+    for j in range(merged.means.shape[1]):  # per coordinate: the weighted median, written out
+        ranked = sorted(weights, key=lambda s: (means[s][j], SITES.index(s)))
+        held = 0
+        for s in ranked:
+            held += weights[s]
+            if held >= sum(weights.values()) / 2:
+                assert merged.means[i, j] == pytest.approx(means[s][j], rel=1e-6)
+                break
     assert set(merged.sources[i]) == set(SITES)
+    assert composite.content["contributions"]["cell_type"]["D"] == weights
+    reference_a = int(release.prototypes("cell_type").counts[0])
+    assert all(
+        w <= reference_a for w in composite.content["contributions"]["cell_type"]["A"].values()
+    )
 
 
 def test_adaptor_file_round_trip_and_tampering(
@@ -157,3 +177,32 @@ def test_composite_survives_save_and_load(
     assert loaded.content["lineage"]["adaptors"] == sorted(
         a.content_hash for a in _adaptors(mapped)
     )
+
+
+def _one_label(label: str, mean: float, count: int, source: str, dim: int = 4) -> PrototypeSet:
+    return PrototypeSet(
+        (label,), np.full((1, dim), mean, np.float32), np.ones((1, dim), np.float32),
+        np.asarray([count], np.int64), np.asarray([[0.5, 0.1]], np.float32), ((source,),),
+    )  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    honest=st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=5),
+    shift=st.floats(-1e6, 1e6),
+    claimed=st.integers(1, 10**12),
+    bundles=st.integers(1, 25),
+)
+def test_one_site_cannot_drag_a_label_outside_the_honest_range(
+    honest: list[float], shift: float, claimed: int, bundles: int
+) -> None:
+    """Whatever one site claims and however many bundles it splits its prototypes into, a
+    label with the reference and at least two honest sites stays inside their range."""
+    base = _one_label("A", 0.0, 500, "reference")
+    sites = {f"h{k}": [_one_label("A", m, 300, f"h{k}")] for k, m in enumerate(honest)}
+    sites["evil"] = [_one_label("A", shift, claimed, "evil") for _ in range(bundles)]
+    merged, shares = capped_merge(base, sites)
+    low, high = min([0.0, *honest]), max([0.0, *honest])
+    assert np.all(merged.means[0] >= low - 1e-6)
+    assert np.all(merged.means[0] <= high + 1e-6)
+    assert shares["A"]["evil"] <= 500  # its weight is capped at the reference's count

@@ -17,16 +17,18 @@ from processes import Coordinator, fedatlas, fedatlas_json
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.cli import main
 from fedatlas.coordinator.registry import Registry
-from fedatlas.coordinator.store import SQLiteStore
+from fedatlas.coordinator.store import BundleRecord, SQLiteStore, utc_now
 from fedatlas.shared.data.dataset import extract_cells
+from fedatlas.shared.hashing import digest
 from fedatlas.shared.model.adaptor import Adaptor
 from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
-from fedatlas.shared.wire.bundle import make_bundle
+from fedatlas.shared.wire.bundle import make_bundle, parse_bundle
 from fedatlas.shared.wire.composite import CompositeStatement
 from fedatlas.shared.wire.signing import load_signing_key
 from fedatlas.site_client.cli import EXIT_REJECTED
 from fedatlas.site_client.client import CoordinatorClient, CoordinatorError
+from fedatlas.v1 import coordinator_pb2 as pb
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +94,11 @@ def test_submit_pull_and_map_with_the_composite(
         with CoordinatorClient(coordinator.address, store / "ca.pem") as client:
             status = client.status(submitted["bundle_id"])
             assert (status.state, status.composite_generation) == (1, 2)  # accepted, in gen. 2
-            assert [a.bundle_id for a in client.list_adaptors("h1")] == [submitted["bundle_id"]]
-            assert client.list_adaptors("h2") == []
-            sites = {s.site_id: (s.status, s.n_adaptors) for s in client.list_sites()}
-            assert sites == {"h1": ("enrolled", 1), "h2": ("enrolled", 0)}
+            # without client certificates nobody may list who takes part
+            with pytest.raises(CoordinatorError, match=r"PERMISSION_DENIED.*mutual TLS"):
+                client.list_sites()
+            with pytest.raises(CoordinatorError, match="PERMISSION_DENIED"):
+                client.list_adaptors("h1")
             with pytest.raises(CoordinatorError, match="NOT_FOUND"):
                 client.status("sha256:" + "0" * 64)
         third = tmp_path / "third-party"
@@ -223,6 +226,9 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, store: Path) -
             client_key=tmp_path / "tls" / "h1.key",
         ) as client:
             assert client.health().composite_generation == 1
+            sites = {s.site_id: (s.status, s.n_adaptors) for s in client.list_sites()}
+            assert sites == {"h1": ("enrolled", 0), "h2": ("enrolled", 0)}
+            assert client.list_adaptors("h1") == []
 
 
 def _free_port() -> int:
@@ -379,3 +385,51 @@ def test_operator_and_protocol_refusals_are_readable(tmp_path: Path, store: Path
         with pytest.raises(CoordinatorError, match=r"FAILED_PRECONDITION.*no reference release"):
             client.submit(b"anything")
         assert client.health().composite_generation == 0
+
+
+def test_a_stored_bundle_that_does_not_compose_leaves_the_last_good_composite_served(
+    tmp_path: Path, store: Path, files: dict[str, Path]
+) -> None:
+    """A bundle an earlier version accepted, now damaged (its tensors no longer match its
+    content): the coordinator still starts, serves the last good composite and says why; the
+    operator withdraws the bundle and a new generation without it is served."""
+    good = prepare(tmp_path, files, "h1", "h1", labels=True)
+    with Registry(store) as registry:
+        assert registry.submit(good.read_bytes(), actor="test").state == "accepted"
+    damaged = parse_bundle(prepare(tmp_path, files, "h2", "h2", labels=True).read_bytes())
+    body = pb.BundleBody.FromString(damaged.message.body)
+    body.tensors[0].data = bytes([body.tensors[0].data[0] ^ 1]) + body.tensors[0].data[1:]
+    damaged.message.body = body.SerializeToString()
+    blob = damaged.message.SerializeToString()
+    bad_id = digest(blob)
+    with SQLiteStore.open(store / "registry.sqlite") as db:  # as an earlier version stored it
+        db.add_bundle(
+            BundleRecord(bad_id, "h2", body.release_id, bytes(body.nonce), ("h2/p1",),
+                         "accepted", blob, utc_now(), utc_now(), "earlier version", ""),
+            actor="earlier version",
+        )  # fmt: skip
+    third = tmp_path / "third"
+    with Coordinator(store) as coordinator:
+        pulled = fedatlas_json(
+            "site", "pull", *site_args(store, coordinator.address, third), "--out",
+            str(third / "c1"),
+        )  # fmt: skip
+        assert pulled["generation"] == 2  # the last good composite: h1's bundle, not h2's
+        assert "h2/p1" not in pulled["conditions"]
+        assert "do not compose" in coordinator.log.read_text()
+        assert main(["-q", "admin", "adaptors", "withdraw", "--store", str(store), bad_id[:20],
+                     "--reason", "damaged"]) == 0  # fmt: skip
+        # the good composite already lacked it; withdrawing h1's bundle makes a new one
+        assert main(["-q", "admin", "adaptors", "withdraw", "--store", str(store),
+                     digest(good.read_bytes()), "--reason", "on request"]) == 0  # fmt: skip
+        again = fedatlas_json(
+            "site", "pull", *site_args(store, coordinator.address, third), "--out",
+            str(third / "c2"),
+        )  # fmt: skip
+    assert again["generation"] == 3
+    assert "h1/p1" not in again["conditions"]
+    with SQLiteStore.open(store / "registry.sqlite") as db:
+        assert db.get_bundle(bad_id).state == "rejected"  # type: ignore[union-attr]
+        events = [e.event for e in db.audit_entries()]
+        assert events[-3:] == ["bundle.withdraw", "bundle.withdraw", "composite.publish"]
+        assert db.verify_audit() == []

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 from conftest import skip_unless_ci
-from processes import free_port, start_fedatlas, wait_for_text
+from processes import free_port, start_fedatlas, start_superlink, wait_for_text
 
 from fedatlas.cli import build_parser, main
 from fedatlas.coordinator.store import SQLiteStore
@@ -271,6 +271,8 @@ def test_bootstrap_makes_a_store_and_hand_over_folders_and_never_overwrites(
     assert {s["site_id"] for s in result["sites"]} == {"hospital-a", "hospital-b"}
     coordinator_env = parse_env(handover / "coordinator.env")
     assert coordinator_env["FEDATLAS_STORE"] == str(store.resolve())
+    assert coordinator_env["FEDATLAS_SUPERLINK_ADDRESS"] == "0.0.0.0:9092"  # the sites' port
+    assert coordinator_env["FEDATLAS_SUPERLINK_CONTROL_PORT"] == "9093"
     assert set(coordinator_env) == set(parse_env(ENV / "coordinator.env.example"))
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
     assert stat.S_IMODE((store / "coordinator.key").stat().st_mode) == 0o600
@@ -349,10 +351,10 @@ def test_bootstrap_replace_moves_the_old_store_aside(tmp_path: Path) -> None:
 def test_superlink_on_every_interface_accepts_an_enrolled_sites_supernode(
     tmp_path: Path,
 ) -> None:
-    """What the units run, without systemd: the SuperLink bound to 0.0.0.0 as the settings
-    example has it (its own checks go through loopback, which every store's certificate
-    names) becomes healthy, registers the enrolled site's node key, and that site's SuperNode
-    logs in with its keys from `site keygen`; both stop cleanly on SIGTERM."""
+    """What the units run, without systemd: the Fleet proxy bound to 0.0.0.0 as the settings
+    example has it, the SuperLink itself on loopback (which every store's certificate names),
+    the enrolled site's node key registered, and that site's SuperNode logging in through the
+    proxy with its keys from `site keygen`; both stop cleanly on SIGTERM."""
     store, keys = tmp_path / "store", tmp_path / "keys"
     assert main(["-q", "admin", "init", "--store", str(store), "--host", "coord.example"]) == 0
     assert main(["-q", "site", "keygen", "--out", str(keys)]) == 0
@@ -360,12 +362,11 @@ def test_superlink_on_every_interface_accepts_an_enrolled_sites_supernode(
                  "--public-key", str(keys / "site.pub")]) == 0  # fmt: skip
     port = free_port()
     link_log, node_log = tmp_path / "superlink.log", tmp_path / "supernode.log"
-    link = start_fedatlas(["coordinator", "superlink", "--store", str(store),
-                           "--address", f"0.0.0.0:{port}"], link_log)  # fmt: skip
+    link = start_superlink(store, f"0.0.0.0:{port}", link_log)
     node = None
     try:
         wait_for_text(link_log, f"superlink on 0.0.0.0:{port}", link, timeout=120)
-        assert INSTANCE in json.loads((store / "flower" / "nodes.json").read_text())
+        assert INSTANCE in json.loads((store / "flower" / "nodes.json").read_text())["registered"]
         node = start_fedatlas(
             ["site", "node", "--superlink", f"127.0.0.1:{port}", "--ca", str(store / "ca.pem"),
              "--site-id", INSTANCE, "--key", str(keys / "site.key"),

@@ -11,6 +11,7 @@ from anndata import AnnData
 from conftest import cells_of
 
 from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.data.h5ad import read_h5ad
 from fedatlas.shared.errors import InputDataError
@@ -181,3 +182,39 @@ def test_several_label_levels() -> None:
     # so a lineage of two unrelated types is two clusters behind one prototype.
     assert np.mean(result.transfers["cell_type"].labels == truth) >= 0.9
     assert np.mean(result.transfers["lineage"].labels == coarse_truth) >= 0.7
+
+
+@pytest.mark.parametrize("chunk_size", ["0", "25"])
+def test_cells_without_counts_are_refused_and_nothing_is_written(
+    query_adata: AnnData, tiny_builds: dict[str, BuildResult], tmp_path: Path, chunk_size: str
+) -> None:
+    """An all-zero cell cannot be placed: mapping it (called unknown, shaping an adaptor) would
+    mislead; loaded whole or read in chunks, the file is refused and no output appears."""
+    adata = query_adata.copy()
+    counts = sp.csr_matrix(adata.X).tolil()
+    counts[[5, 60], :] = 0
+    adata.X = counts.tocsr()
+    adata.write_h5ad(tmp_path / "site.h5ad")
+    tiny_builds["scpoli"].release.save(tmp_path / "release")
+    out = tmp_path / "mapped.h5ad"
+    args = ["site", "map", "--reference", str(tmp_path / "release"), "--data",
+            str(tmp_path / "site.h5ad"), "--batch-key", "batch", "--out", str(out),
+            "--chunk-size", chunk_size, "--adaptor-out", str(tmp_path / "a.adaptor")]  # fmt: skip
+    assert main(args) == 2
+    assert not out.exists()
+    assert not (tmp_path / "a.adaptor").exists()
+    with pytest.raises(InputDataError, match=r"2 of 160 cells have no counts at all \(e\.g\. q1"):
+        extract_cells(adata, source="site.h5ad", batch_key="batch")
+
+
+def test_a_file_without_cells_is_refused_when_streamed(
+    query_adata: AnnData, tiny_builds: dict[str, BuildResult], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    query_adata[:0].copy().write_h5ad(tmp_path / "empty.h5ad")
+    tiny_builds["scpoli"].release.save(tmp_path / "release")
+    for chunk_size in ("0", "25"):
+        assert main(["site", "map", "--reference", str(tmp_path / "release"), "--data",
+                     str(tmp_path / "empty.h5ad"), "--batch-key", "batch", "--out",
+                     str(tmp_path / "o.h5ad"), "--chunk-size", chunk_size]) == 2  # fmt: skip
+        assert "contains no cells" in capsys.readouterr().err

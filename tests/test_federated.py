@@ -1,6 +1,8 @@
 """Federated reference training in one process (the algorithm the Flower apps transport):
-gene election, FedAvg/FedProx, what stays at a site, how the release and adaptors come out, and
-how the coordinator treats a site that fails a step (with a stand-in for Flower's Grid)."""
+gene election, FedAvg/FedProx, what stays at a site, how the release and adaptors come out, how
+a round's updates are combined without trusting the sites (counts, norms, median, trimmed mean),
+what a hostile site can do to the reference, and how the coordinator treats a site that fails a
+step (with a stand-in for Flower's Grid)."""
 
 from __future__ import annotations
 
@@ -11,23 +13,29 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from scipy import stats
 
-from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.benchmarks import trunk_attacks
 from fedatlas.coordinator.federated_build import BuildAbortedError, _Steps
 from fedatlas.coordinator.verification import Rejection, _check_norms
 from fedatlas.shared.config import PreprocessingRecipe
-from fedatlas.shared.data.dataset import CellTable, extract_cells
+from fedatlas.shared.data.dataset import CellTable
 from fedatlas.shared.data.preprocessing import select_highly_variable_genes
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.model.adaptor import compose
 from fedatlas.shared.model.federated import (
+    AGGREGATIONS,
     FederatedPlan,
+    RoundUpdate,
     SiteTrainer,
+    aggregate_round,
     average_trunks,
+    capped_shares,
     elect_genes,
     gene_universe,
     initial_trunk,
     train_federated,
+    trimmed_mean_trunks,
     trunk_problem,
 )
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
@@ -35,19 +43,11 @@ from fedatlas.shared.model.release import LATENT_TENSOR
 from fedatlas.shared.model.surgery import TABLE_SUFFIX, is_condition_table
 from fedatlas.shared.wire.codec import encode_tensors
 
-TYPES = ("alpha", "beta", "gamma", "delta")
-
 
 @pytest.fixture(scope="module")
 def sites() -> dict[str, CellTable]:
     """Three sites of one synthetic world, each with its own batches (some labelled)."""
-    world = SyntheticWorld(seed=3, n_genes=300, cell_types=TYPES)
-    layout = {"s1": ("s1-a", "s1-b"), "s2": ("s2-a",), "s3": ("s3-a", "s3-b")}
-    out = {}
-    for i, (site, batches) in enumerate(layout.items()):
-        adata = world.sample(160 * len(batches), batches=batches, seed=10 + i)
-        out[site] = extract_cells(adata, source=site, batch_key="batch", label_keys=["cell_type"])
-    return out
+    return trunk_attacks.honest_sites()
 
 
 def _plan(**overrides: object) -> FederatedPlan:
@@ -82,6 +82,72 @@ def test_fedavg_weights_each_site_by_its_cells() -> None:
     assert int(mean["n"]) == 8  # 7.75 rounded
     with pytest.raises(ValueError, match="no site"):
         average_trunks([])
+
+
+def test_median_and_trimmed_mean_are_flowers_fedmedian_and_fedtrimmedavg() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(5, 3, 4))
+    trunks = [{"w": torch.from_numpy(v), "n": torch.tensor(i, dtype=torch.int64)}
+              for i, v in enumerate(values)]  # fmt: skip
+    median = trimmed_mean_trunks(trunks, cut=2)
+    np.testing.assert_allclose(median["w"].numpy(), np.median(values, axis=0))
+    assert median["n"].dtype == torch.int64
+    assert int(median["n"]) == 2
+    # Flower's trimmed mean is scipy's: cut floor(beta * n) at each end of every coordinate
+    trimmed = trimmed_mean_trunks(trunks, cut=int(0.34 * 5))
+    np.testing.assert_allclose(trimmed["w"].numpy(), stats.trim_mean(values, 0.34, axis=0))
+    even = trimmed_mean_trunks(trunks[:4], cut=1)  # the median of four: mean of the middle two
+    np.testing.assert_allclose(even["w"].numpy(), np.median(values[:4], axis=0))
+    with pytest.raises(ValueError, match="cannot cut 2 of 4"):
+        trimmed_mean_trunks(trunks[:4], cut=2)
+
+
+def test_no_site_gets_more_than_its_capped_share_of_the_weight() -> None:
+    shares = capped_shares({"big": 10**7, "a": 100, "b": 300}, 0.5)
+    assert shares == pytest.approx({"big": 0.5, "a": 0.125, "b": 0.375})
+    # the excess goes to the others by their cells, who may be capped in turn
+    shares = capped_shares({"x": 900, "y": 800, "z": 100, "w": 100}, 0.3)
+    assert shares == pytest.approx({"x": 0.3, "y": 0.3, "z": 0.2, "w": 0.2})
+    assert capped_shares({"x": 1, "y": 3}, 1.0) == pytest.approx({"x": 0.25, "y": 0.75})
+    # a cap that cannot hold for so few sites: equal shares
+    assert capped_shares({"x": 1, "y": 3}, 0.4) == {"x": 0.5, "y": 0.5}
+
+
+def _update(delta: list[float], n_cells: int) -> RoundUpdate:
+    return RoundUpdate(
+        {"w": torch.tensor(delta), "n": torch.tensor(7, dtype=torch.int64)}, n_cells, 1.0
+    )
+
+
+def test_a_round_trusts_no_count_and_no_update_length() -> None:
+    sent = {"w": torch.zeros(4), "n": torch.tensor(5, dtype=torch.int64)}
+    updates = {
+        "h1": _update([1.0, 0, 0, 0], 100),
+        "h2": _update([0, 1.0, 0, 0], 100),
+        "h3": _update([0, 0, 3.0, 0], 100),  # 3 x the median norm: clipped to 2 x
+        "h4": _update([30.0, 0, 0, 0], 100),  # 30 x: left out
+        "h5": _update([1.0, 0, 0, 0], -599),  # not a count: left out
+        "h6": _update([0, 0, 0, 1.0], 10**9),  # counts as 10^7 cells, weighs at most half
+    }
+    aggregate = aggregate_round(_plan(), sent, updates)
+    assert aggregate.scale == 1.0
+    assert sorted(aggregate.left_out) == ["h4", "h5"]
+    assert "update norm 30 > 5 x the round's median 1" in aggregate.left_out["h4"]
+    assert "claims -599 cells" in aggregate.left_out["h5"]
+    assert aggregate.clipped == ["h3"]
+    assert aggregate.cells == {"h1": 100, "h2": 100, "h3": 100, "h6": 10**7}
+    assert aggregate.weights == pytest.approx({"h1": 1 / 6, "h2": 1 / 6, "h3": 1 / 6, "h6": 0.5})
+    expected = torch.tensor([1 / 6, 1 / 6, 2 / 6, 0.5])
+    assert torch.allclose(aggregate.trunk["w"], expected)
+    assert int(aggregate.trunk["n"]) == 7
+    # the median of the same four updates: every coordinate is 0 for three of them
+    median = aggregate_round(_plan(aggregation="median"), sent, updates)
+    assert median.weights == dict.fromkeys(["h1", "h2", "h3", "h6"], 0.25)
+    assert torch.equal(median.trunk["w"], torch.zeros(4))
+    # a round left with no update keeps the trunk sent
+    empty = aggregate_round(_plan(), sent, {"h5": updates["h5"]})
+    assert empty.weights == {}
+    assert torch.equal(empty.trunk["w"], sent["w"])
 
 
 def test_fedprox_keeps_a_sites_trunk_nearer_the_sent_one(sites: dict[str, CellTable]) -> None:
@@ -131,7 +197,7 @@ def test_a_federated_build_keeps_every_sites_rows_and_cells_at_the_site(
         f"{s}/{b}" for s, cells in sites.items() for b in set(cells.batches)
     )
     catalogue = composite.prototypes("cell_type")
-    assert sorted(set(catalogue.labels)) == sorted(TYPES)
+    assert sorted(set(catalogue.labels)) == sorted(trunk_attacks.TYPES)
     for site, cells in sites.items():
         again = map_onto(composite, cells, MappingOptions(site_id=site), progress=False)
         assert again.adaptor is None
@@ -166,6 +232,12 @@ def test_rows_without_reference_rows_to_compare_are_bounded_per_entry() -> None:
         ({"strategy": "fedsgd"}, "unknown strategy"),
         ({"proximal_mu": 0.1}, "only used with fedprox"),
         ({"rounds": 0}, "must be >= 1"),
+        ({"aggregation": "krum"}, "unknown aggregation"),
+        ({"trim_fraction": 0.5}, "trim fraction"),
+        ({"max_site_cells": 0}, "max site cells"),
+        ({"max_site_share": 0.0}, "max site share"),
+        ({"clip_factor": 0.5}, "clip factor"),
+        ({"clip_factor": 6.0}, "clip factor <= outlier factor"),
         ({"preset": "nope"}, "nope"),
         ({"colour": "red"}, "unknown federated plan field"),
     ],
@@ -212,21 +284,119 @@ def test_a_trunk_that_does_not_fit_is_left_out_of_the_average() -> None:
     nan = {**good, "w": torch.full((2, 3), float("nan"))}
     assert "NaN" in trunk_problem(sent, nan)
 
-    def answer(trunk: dict[str, torch.Tensor]) -> Any:
+    def answer(trunk: dict[str, torch.Tensor], n_cells: object = 100) -> Any:
         return SimpleNamespace(
             content={
                 "trunk": {"tensors": encode_tensors(trunk)},
-                "federated": {"n-cells": 100, "loss": 1.0},
+                "federated": {"n-cells": n_cells, "loss": 1.0},
             }
         )
 
     report: dict[str, Any] = {"dropped": {}}
     steps = _Steps(None, _plan(), timeout=5.0, min_sites=1, report=report)
-    steps.site_of = {1: "h1", 2: "h2"}
-    updates = steps.usable_updates(sent, {1: answer(good), 2: answer(nan)}, "train.round 1")
+    steps.site_of = {1: "h1", 2: "h2", 3: "h3", 4: "h4"}
+    no_trunk = SimpleNamespace(content={"federated": {"n-cells": 100, "loss": 1.0}})
+    answers = {1: answer(good), 2: answer(nan), 3: answer(good, 1e9), 4: no_trunk}
+    updates = steps.usable_updates(sent, answers, "train.round 1")
     assert list(updates) == ["h1"]
     assert report["dropped"]["2"]["reason"].startswith("unusable trunk: w: holds NaN")
-    strict = _Steps(None, _plan(), timeout=5.0, min_sites=2, report={"dropped": {}})
-    strict.site_of = steps.site_of
-    with pytest.raises(BuildAbortedError, match="1 usable trunk"):
-        strict.usable_updates(sent, {1: answer(good), 2: answer(nan)}, "train.round 1")
+    assert report["dropped"]["3"]["reason"] == (
+        "unusable reply: 'n-cells' is float, expected an integer"
+    )
+    assert report["dropped"]["4"]["reason"] == "unusable reply: no 'trunk' record"
+
+
+def test_an_update_left_out_of_a_round_stops_the_build_only_below_min_sites() -> None:
+    sent = {"w": torch.zeros(4)}
+    updates = {"h1": _update([1.0, 0, 0, 0], 100), "h2": _update([0, 1.0, 0, 0], -599)}
+    report: dict[str, Any] = {"dropped": {}}
+    lenient = _Steps(None, _plan(), timeout=5.0, min_sites=1, report=report)
+    assert list(lenient.aggregate(sent, updates, "train.round 1").weights) == ["h1"]
+    assert report["dropped"] == {}  # left out of the round only, not of the build
+    strict = _Steps(None, _plan(), timeout=5.0, min_sites=2, report=report)
+    with pytest.raises(BuildAbortedError, match="1 usable update\\(s\\), 2 required"):
+        strict.aggregate(sent, updates, "train.round 1")
+
+
+# --------------------------------------------------------------------------- a hostile site
+# fedatlas.benchmarks.trunk_attacks: three honest sites and a fourth (s4) that trains honestly,
+# then replaces what it returns each round; accuracy of 400 new cells on the composite.
+# Measured (seed 0, 2 cores, ~3 s a build): honest build 0.583. Before the aggregation trusted
+# no claim (plain FedAvg weighted by claimed cells): zero trunk 0.380, noise trunk 0.497, -599
+# cells 0.645, update x100 0.390. With the defaults the attacker is left out of every round and
+# every attack gives 0.580; median and trimmed mean 0.595 (their honest builds: 0.580). The issue
+# asks for at most 5 points of harm.
+ACCURACY_MARGIN = 0.05
+Query = tuple[CellTable, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def federation(sites: dict[str, CellTable]) -> dict[str, CellTable]:
+    """The three sites and the one that will attack."""
+    return trunk_attacks.federation(sites)
+
+
+@pytest.fixture(scope="module")
+def query() -> Query:
+    """New cells of the same world (two batches no site has) and their true types."""
+    return trunk_attacks.query()
+
+
+@pytest.fixture(scope="module")
+def honest_accuracy(federation: dict[str, CellTable], query: Query) -> float:
+    """The accuracy of the honest build (every site honest, default aggregation)."""
+    return trunk_attacks.accuracy(train_federated(federation, trunk_attacks.plan()), query)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("attack", trunk_attacks.TRUNK_ATTACKS)
+def test_a_hostile_site_neither_moves_the_reference_nor_stops_the_build(
+    federation: dict[str, CellTable],
+    query: Query,
+    honest_accuracy: float,
+    attack: str,
+    aggregation: str,
+) -> None:
+    plan = trunk_attacks.plan(aggregation=aggregation)
+    result = train_federated(federation, plan, on_update=trunk_attacks.hostile(attack))
+    assert len(result.history) == plan.rounds
+    # left out of every round, with the reason in the round's record
+    for record in result.history:
+        assert list(record["left_out"]) == [trunk_attacks.ATTACKER]
+        assert sorted(record["weights"]) == ["s1", "s2", "s3"]
+    accuracy = trunk_attacks.accuracy(result, query)
+    print(f"\n{attack}, {aggregation}: accuracy {accuracy:.3f}, honest {honest_accuracy:.3f}")
+    assert abs(accuracy - honest_accuracy) <= ACCURACY_MARGIN
+
+
+def test_without_the_safeguards_a_zero_trunk_wrecks_the_reference(
+    federation: dict[str, CellTable], query: Query, honest_accuracy: float
+) -> None:
+    # what the test above guards against: with no clipping, no outlier rule and no share cap,
+    # the zero trunk's claim of 10^9 cells (counted as 10^7) outweighs every honest site
+    trusting = trunk_attacks.plan(clip_factor=1e6, outlier_factor=1e6, max_site_share=1.0)
+    result = train_federated(
+        federation, trusting, on_update=trunk_attacks.hostile("zero trunk claiming 10^9 cells")
+    )
+    assert all(not record["left_out"] for record in result.history)
+    # measured: 0.378 against 0.583
+    assert trunk_attacks.accuracy(result, query) < honest_accuracy - 3 * ACCURACY_MARGIN
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_median_and_trimmed_mean_hold_without_the_outlier_rule(
+    federation: dict[str, CellTable],
+    query: Query,
+    honest_accuracy: float,
+    aggregation: str,
+) -> None:
+    # an attacker no norm rule catches: the coordinate-wise aggregate still ignores it
+    # (measured: noise trunk 0.557, zero trunk 0.603, update x100 0.590 against 0.583)
+    plan = trunk_attacks.plan(aggregation=aggregation, clip_factor=1e6, outlier_factor=1e6)
+    result = train_federated(
+        federation,
+        plan,
+        on_update=trunk_attacks.hostile("Gaussian noise trunk claiming 10^9 cells"),
+    )
+    assert all(trunk_attacks.ATTACKER in record["weights"] for record in result.history)
+    assert abs(trunk_attacks.accuracy(result, query) - honest_accuracy) <= ACCURACY_MARGIN

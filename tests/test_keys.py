@@ -14,6 +14,7 @@ from fedatlas.cli import main
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.wire.signing import (
     KeyFileError,
+    check_node_private_key,
     load_node_public_key,
     load_public_key,
     load_signing_key,
@@ -52,6 +53,18 @@ def test_unusable_key_files_are_refused(tmp_path: Path) -> None:
         load_node_public_key(_ed25519_openssh(tmp_path))
     with pytest.raises(KeyFileError, match="no such"):
         load_public_key(tmp_path / "absent.pub")
+    check_node_private_key(tmp_path / "flower_node.key")
+    os.chmod(tmp_path / "flower_node.key", 0o640)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        check_node_private_key(tmp_path / "flower_node.key")
+    # `site node` refuses before it starts anything
+    args = ["site", "node", "--superlink", "127.0.0.1:1", "--ca", str(tmp_path / "ca.pem"),
+            "--site-id", "h1", "--key", str(tmp_path / "site.key"), "--data", "x.h5ad",
+            "--batch-key", "batch"]  # fmt: skip
+    os.chmod(tmp_path / "site.key", 0o600)
+    assert main(args) == 2
+    with pytest.raises(KeyFileError, match="not an OpenSSH private key"):
+        check_node_private_key(tmp_path / "site.key")  # an Ed25519 PEM key, not an OpenSSH one
 
 
 def _ed25519_openssh(directory: Path) -> Path:

@@ -3,6 +3,7 @@ idempotent resubmission and composites. Real store files, real keys, real signat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,13 +15,14 @@ from conftest import cells_of
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.coordinator.policy import Policy
 from fedatlas.coordinator.registry import Registry, RegistryError, init_store
 from fedatlas.coordinator.store import BundleRecord
-from fedatlas.coordinator.verification import REASONS, Policy
+from fedatlas.coordinator.verification import REASONS
 from fedatlas.shared.hashing import content_hash, tensor_index
 from fedatlas.shared.model.adaptor import Adaptor
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
-from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.reference import BuildResult, train_reference
 from fedatlas.shared.model.release import MODEL_PREFIX, Release
 from fedatlas.shared.wire.bundle import make_bundle, parse_bundle
 from fedatlas.shared.wire.signing import load_signing_key, write_keypair
@@ -37,8 +39,12 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def release(tiny_builds: dict[str, BuildResult]) -> Release:
-    return tiny_builds["scpoli"].release
+def release(reference_adata: AnnData) -> Release:
+    """A reference trained long enough that its three types sit apart: measured, the types'
+    prototypes lie 54-339 (standardised squared distance) from each other, their radii 47-53."""
+    return train_reference(
+        cells_of(reference_adata), preset="scpoli", epochs=150, n_top_genes=200, progress=False
+    ).release
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +127,10 @@ def assert_rejected(registry: Registry, raw: bytes, code: str) -> None:
     assert outcome.reason_code == code, outcome.reason
     assert outcome.reason  # a sentence for the site
     assert registry.store.snapshot() == before, "a rejected bundle changed the store"
+    # the rejection is logged (no payload) and its status can be asked for
+    logged = registry.store.rejections(bundle_id=outcome.bundle_id)
+    assert [(r.reason_code, r.reason) for r in logged][:1] == [(code, outcome.reason)]
+    assert registry.status(outcome.bundle_id) == outcome
 
 
 def test_a_valid_bundle_is_accepted_into_a_new_composite(
@@ -205,8 +215,9 @@ def _signature_altered(reg: Registry, sites: dict[str, Site], ad: dict[str, Adap
 @rejection("bad_signature")
 def _tensor_altered(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
     message = parse_bundle(make_bundle(ad["h1"], sites["h1"].key).raw).message
-    tensor = message.tensors[0]
-    tensor.data = bytes([tensor.data[0] ^ 1]) + tensor.data[1:]
+    body = pb.BundleBody.FromString(message.body)
+    body.tensors[0].data = bytes([body.tensors[0].data[0] ^ 1]) + body.tensors[0].data[1:]
+    message.body = body.SerializeToString()
     return message.SerializeToString()
 
 
@@ -224,7 +235,7 @@ def _site_id_altered(reg: Registry, sites: dict[str, Site], ad: dict[str, Adapto
 def _nonce_reused(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
     first = make_bundle(ad["h1"], sites["h1"].key)
     assert reg.submit(first.raw, actor="test").state == "accepted"
-    return make_bundle(ad["h1-second"], sites["h1"].key, nonce=first.nonce).raw
+    return make_bundle(ad["h1-second"], sites["h1"].key, nonce=first.fields().nonce).raw
 
 
 @rejection("wrong_release")
@@ -249,7 +260,7 @@ def _condition_of_the_release(
     return make_bundle(with_conditions(ad["h2"], [name]), sites["h2"].key).raw
 
 
-@rejection("condition_owned")
+@rejection("bad_condition")
 def _condition_outside_namespace(
     reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
 ) -> bytes:
@@ -305,6 +316,102 @@ def _prototype_of_few_cells(reg: Registry, sites: dict[str, Site], ad: dict[str,
     tensors["prototypes.0.count"] = tensors["prototypes.0.count"].clone()
     tensors["prototypes.0.count"][0] = 3
     return resigned(ad["h1"], sites["h1"].key, tensors=tensors)
+
+
+@rejection("bad_condition")
+def _path_like_batch(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return make_bundle(with_conditions(ad["h2"], ["h2/.."]), sites["h2"].key).raw
+
+
+@rejection("bad_condition")
+def _bidi_override_in_batch(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return make_bundle(with_conditions(ad["h2"], ["h2/b1\u202e"]), sites["h2"].key).raw
+
+
+@rejection("implausible_count")
+def _a_billion_cells(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    conditions = [{**c, "n_cells": 10**9} for c in ad["h1"].content["conditions"]]
+    return resigned(
+        ad["h1"], sites["h1"].key, content={**ad["h1"].content, "conditions": conditions}
+    )
+
+
+@rejection("implausible_count")
+def _more_prototype_cells_than_conditions(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, count=lambda c: c * 1000)
+
+
+@rejection("bad_label")
+def _label_with_a_bidi_override(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, rename={"D": "D\u202e"})
+
+
+@rejection("bad_label")
+def _label_unknown(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, rename={"D": "unknown"})
+
+
+@rejection("confusable_label")
+def _greek_capital_alpha(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, rename={"D": "\u0391"})  # looks like A
+
+
+@rejection("prototype_outlier")
+def _variance_blown_up(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, var=lambda v: v * 1e4)
+
+
+@rejection("prototype_outlier")
+def _means_swapped(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, mean=lambda m: m[[2, 1, 0, 3]])  # A, C
+
+
+@rejection("prototype_outlier")
+def _radius_widened(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    return _with_prototypes(ad["h1"], sites["h1"].key, log_d2=lambda d: d + torch.tensor([20.0, 0]))
+
+
+@rejection("prototype_outlier")
+def _new_label_on_a_known_one(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    # D (new to the catalogue) given the catalogue's C prototype: it would take C's cells
+    c = reg.current_release().prototypes("cell_type")
+    copy = {"mean": torch.from_numpy(c.means[2]), "var": torch.from_numpy(c.variances[2])}
+
+    def onto_c(part: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda rows: torch.cat([rows[:3], copy[part][None]])
+
+    return _with_prototypes(ad["h1"], sites["h1"].key, mean=onto_c("mean"), var=onto_c("var"))
+
+
+@rejection("uncomposable")
+def _composite_too_large(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    reg.set_policy(replace(reg.policy, max_composite_bytes=1000), actor="test")
+    return make_bundle(ad["h1"], sites["h1"].key).raw
+
+
+def _with_prototypes(
+    adaptor: Adaptor,
+    key: Ed25519PrivateKey,
+    *,
+    rename: dict[str, str] | None = None,
+    **change: Callable[[torch.Tensor], torch.Tensor],
+) -> bytes:
+    """A correctly signed bundle of ``adaptor`` with its level-0 prototypes changed: labels
+    renamed, tensors (``mean``, ``var``, ``count``, ``log_d2``) transformed."""
+    assert adaptor.content["prototypes"]["cell_type"]["labels"] == ["A", "B", "C", "D"]
+    tensors = dict(adaptor.tensors)
+    for part, transform in change.items():
+        tensors[f"prototypes.0.{part}"] = transform(tensors[f"prototypes.0.{part}"].clone())
+    content = json.loads(json.dumps(adaptor.content))
+    meta = content["prototypes"]["cell_type"]
+    meta["labels"] = [(rename or {}).get(label, label) for label in meta["labels"]]
+    return resigned(adaptor, key, content=content, tensors=tensors)
 
 
 def test_every_reason_code_has_a_rejection_test() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedatlas.coordinator.store import (
     GENESIS_HASH,
@@ -32,13 +33,16 @@ from fedatlas.coordinator.store import (
 )
 from fedatlas.coordinator.store import sqlite as sqlite_store
 from fedatlas.coordinator.store.records import (
+    RejectionRecord,
     ReleaseRecord,
     StoreBusyError,
     StoreConflictError,
     StoreNotFoundError,
 )
 from fedatlas.coordinator.store.rows import describe, record_from_row
+from fedatlas.coordinator.store.sqlite import MAX_REJECTIONS, SCHEMA_VERSION
 from fedatlas.shared.hashing import canonical_json, digest
+from fedatlas.shared.wire.signing import public_bytes, sign
 
 OP = "operator:alice"
 KEY1 = bytes(range(32))
@@ -71,15 +75,32 @@ def make_bundle(
     )
 
 
-def make_composite(generation: int, bundle_ids: tuple[str, ...] = ("b1",)) -> CompositeRecord:
+COORDINATOR = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def make_composite(
+    generation: int,
+    bundle_ids: tuple[str, ...] = ("b1",),
+    audit_head: tuple[int, str] = (0, GENESIS_HASH),
+) -> CompositeRecord:
+    """A composite record with a real statement signed by :data:`COORDINATOR`."""
+    statement = canonical_json(
+        {
+            "kind": "fedatlas-composite",
+            "content_hash": f"sha256:{generation:064d}",
+            "generation": generation,
+            "coordinator_key": public_bytes(COORDINATOR).hex(),
+            "audit_head": {"seq": audit_head[0], "entry_hash": audit_head[1]},
+        }
+    )
     return CompositeRecord(
         generation=generation,
         content_hash=f"sha256:{generation:064d}",
         base_release_id="r1",
         bundle_ids=bundle_ids,
         manifest_json=f'{{"composite": {generation}}}',
-        statement_json=f'{{"statement": {generation}}}',
-        signature=bytes([generation]) * 64,
+        statement_json=statement.decode(),
+        signature=sign(COORDINATOR, statement),
         created_at="",
     )
 
@@ -122,9 +143,47 @@ def raw(db: Path) -> sqlite3.Connection:
 
 
 # --------------------------------------------------------------------------- create / open
+def test_a_schema_1_registry_is_upgraded_on_open(db: Path) -> None:
+    """A registry written before the rejection log existed gets it, state and audit intact."""
+    with SQLiteStore.create(db) as store:
+        store.enroll_site("h1", KEY1, "", actor=OP)
+        before = store.snapshot()
+    connection = raw(db)
+    connection.execute("DROP TABLE rejections")
+    connection.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    connection.close()
+    with SQLiteStore.open(db) as store:
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert store.snapshot() == before
+        assert store.verify_audit() == []
+        store.add_rejection(RejectionRecord("sha256:x", "h1", "malformed", "why", utc_now(), OP))
+        assert [r.reason_code for r in store.rejections(site_id="h1")] == ["malformed"]
+
+
+def test_the_rejection_log_is_bounded_and_outside_the_audited_state(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "MAX_REJECTIONS", 3)
+    with SQLiteStore.create(db) as store:
+        before = store.snapshot()
+        for i in range(5):
+            store.add_rejection(
+                RejectionRecord(
+                    f"sha256:{i}", "x" * 10_000, "bad_signature", "r" * 10_000, utc_now(), OP
+                )
+            )
+        logged = store.rejections()
+        assert [r.bundle_id for r in logged] == ["sha256:4", "sha256:3", "sha256:2"]
+        assert all(len(r.site_id) == len(r.reason) == 500 for r in logged)
+        assert store.rejections(bundle_id="sha256:3")[0].reason_code == "bad_signature"
+        assert store.snapshot() == before
+        assert store.verify_audit() == []
+    assert MAX_REJECTIONS >= 10_000
+
+
 def test_create_then_open_round_trip(db: Path) -> None:
     with SQLiteStore.create(db) as created:
-        assert created.get_meta("schema_version") == "1"
+        assert created.get_meta("schema_version") == str(SCHEMA_VERSION)
         created.set_meta("campaign", "pilot", actor=OP)
     with SQLiteStore.open(db) as opened:
         assert opened.get_meta("campaign") == "pilot"
@@ -178,7 +237,9 @@ def _foreign_database(path: Path) -> None:
 def _newer_schema(path: Path) -> None:
     SQLiteStore.create(path).close()
     connection = raw(path)
-    connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    connection.execute(
+        "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+    )
     connection.close()
 
 
@@ -943,3 +1004,41 @@ def test_kill_9_keeps_acknowledged_bundles_and_a_valid_chain(store: SQLiteStore,
             assert reopened.condition_owner(bundle.conditions[0]) == owner
         states = {b.state for b in reopened.list_bundles()}
         assert states == {"accepted", "held", "rejected"}
+
+
+def test_a_rewritten_log_no_longer_matches_the_composites_signed_anchors(
+    store: SQLiteStore, db: Path
+) -> None:
+    """An intruder rewrites an early entry and recomputes every later hash and the head: the
+    chain and the rows check out, but the anchor signed into a later composite does not."""
+    store.enroll_site("s9", KEY1, "", actor=OP)
+    store.add_composite(make_composite(1, (), audit_head=store.audit_head()), actor=OP)
+    trusted = {public_bytes(COORDINATOR)}
+    assert store.verify_audit(trusted) == []
+    connection = raw(db)
+    connection.execute("UPDATE sites SET public_key = ? WHERE site_id = 's9'", (KEY2,))
+    prev_hash = GENESIS_HASH
+    for seq, at, actor, event, subject, payload in connection.execute(
+        "SELECT seq, at, actor, event, subject, payload FROM audit ORDER BY seq"
+    ).fetchall():
+        body = json.loads(payload)
+        if subject == "site:s9":
+            body["public_key"] = KEY2.hex()
+        entry_hash = audit_entry_hash(seq, at, actor, event, subject, body, prev_hash)
+        connection.execute(
+            "UPDATE audit SET payload = ?, prev_hash = ?, entry_hash = ? WHERE seq = ?",
+            (canonical_json(body).decode(), prev_hash, entry_hash, seq),
+        )
+        prev_hash = entry_hash
+    connection.execute(
+        "UPDATE meta SET value = ? WHERE key = 'audit_head'",
+        (canonical_json({"seq": seq, "entry_hash": prev_hash}).decode(),),
+    )
+    connection.close()
+    problems = store.verify_audit(trusted)
+    assert len(problems) == 1
+    assert "composites row 1" in problems[0]
+    assert "the log was rewritten" in problems[0]
+    assert store.verify_audit({KEY1}) == [
+        "composites row 1: the statement is signed by a key that is not this coordinator's"
+    ]

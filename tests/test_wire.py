@@ -85,7 +85,7 @@ def test_a_composite_travels_and_verifies_in_one_form(
     release = tiny_builds["scarches"].release
     statement = sign_composite(
         key, release, generation=3, base_release_id=release.content_hash, bundle_ids=[],
-        created_at="2026-01-01T00:00:00+00:00",
+        created_at="2026-01-01T00:00:00+00:00", audit_head=(7, "sha256:" + "a" * 64),
     )  # fmt: skip
     data = SignedComposite(release, statement).encode()
     received = SignedComposite.decode(data, source="test")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fedatlas.coordinator.store.records import (
@@ -20,7 +21,9 @@ from fedatlas.coordinator.store.records import (
     SiteRecord,
 )
 from fedatlas.coordinator.store.rows import describe, record_from_row
+from fedatlas.shared.errors import ReleaseError
 from fedatlas.shared.hashing import HASH_PREFIX, canonical_json, content_hash
+from fedatlas.shared.wire.composite import CompositeStatement
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -201,3 +204,45 @@ def verify_rows(connection: sqlite3.Connection, latest: Latest) -> list[str]:
                 f"{table} row {ident!r}: missing, but audit seq {seq} ({event}) records it"
             )
     return problems
+
+
+def verify_anchors(
+    connection: sqlite3.Connection, trusted_keys: Collection[bytes] | None
+) -> list[str]:
+    """Problems of the composites' signed statements (:func:`statement_problems`), so a log
+    rewritten up to an anchor (every later hash recomputed) is caught."""
+    hashes = entry_hashes(connection)
+    problems: list[str] = []
+    for row in connection.execute("SELECT generation, statement_json, signature FROM composites"):
+        where = f"composites row {row[0]!r}"
+        try:
+            statement = CompositeStatement(str(row[1]), bytes(row[2]))
+        except (ReleaseError, TypeError) as exc:
+            problems.append(f"{where}: unreadable statement ({exc})")
+            continue
+        problems += [f"{where}: {p}" for p in statement_problems(statement, hashes, trusted_keys)]
+    return problems
+
+
+def entry_hashes(connection: sqlite3.Connection) -> dict[int, str]:
+    """Every audit entry's hash by sequence number."""
+    return {int(r[0]): str(r[1]) for r in connection.execute("SELECT seq, entry_hash FROM audit")}
+
+
+def statement_problems(
+    statement: CompositeStatement, hashes: dict[int, str], trusted_keys: Collection[bytes] | None
+) -> list[str]:
+    """Why a composite statement does not vouch for this log: not signed by the key it names
+    (or by none of ``trusted_keys`` when given), or anchoring an audit entry (sequence number
+    and hash) that the chain no longer holds."""
+    if not statement.signed_by_its_key():
+        return ["the statement's signature does not verify"]
+    if trusted_keys is not None and statement.coordinator_key not in trusted_keys:
+        return ["the statement is signed by a key that is not this coordinator's"]
+    head = statement.audit_head
+    if head is not None and head[0] > 0 and hashes.get(head[0]) != head[1]:
+        return [
+            f"its signed statement anchors audit seq {head[0]} with hash {head[1][:19]}..., "
+            "which the log no longer holds (the log was rewritten)"
+        ]
+    return []

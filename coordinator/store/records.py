@@ -4,6 +4,7 @@ the errors a store raises."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -95,6 +96,19 @@ class CompositeRecord:
     statement_json: str = field(metadata=AUDIT_BY_HASH)
     signature: bytes
     created_at: str
+
+
+@dataclass(frozen=True)
+class RejectionRecord:
+    """A refused submission, as the rejection log keeps it: who claimed to send it, when, why
+    and the bundle's id; never its bytes. ``site_id`` is as claimed (unverified)."""
+
+    bundle_id: str
+    site_id: str
+    reason_code: str
+    reason: str
+    received_at: str
+    actor: str
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,19 @@ class Store(Protocol):
         """Accept or reject a held bundle."""
         ...
 
+    def withdraw_bundle(self, bundle_id: str, *, actor: str, reason: str) -> BundleRecord:
+        """Withdraw an accepted bundle (it becomes rejected)."""
+        ...
+
+    def add_rejection(self, record: RejectionRecord) -> None:
+        """Log a refused submission (the oldest entries go beyond a bounded length)."""
+        ...
+
+    def rejections(self, *, site_id: str | None = None, bundle_id: str | None = None,
+                   limit: int = 1_000) -> list[RejectionRecord]:  # fmt: skip
+        """The newest logged rejections first, optionally of one (claimed) site or bundle."""
+        ...
+
     def accepted_bundles(self) -> list[BundleRecord]:
         """Every accepted bundle, sorted by id."""
         ...
@@ -209,11 +236,15 @@ class Store(Protocol):
         """The composite of ``generation``, or None."""
         ...
 
+    def audit_head(self) -> tuple[int, str]:
+        """Sequence number and hash of the audit log's newest entry."""
+        ...
+
     def audit_entries(self) -> list[AuditEntry]:
         """Every audit entry, in order."""
         ...
 
-    def verify_audit(self) -> list[str]:
+    def verify_audit(self, trusted_keys: Collection[bytes] | None = None) -> list[str]:
         """Readable integrity problems of the audit log and the rows it describes (empty: ok)."""
         ...
 

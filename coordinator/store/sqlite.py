@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -22,9 +22,12 @@ from typing import Any, Self
 from fedatlas.coordinator.store.audit import (
     GENESIS_HASH,
     audit_entry_hash,
+    entry_hashes,
     head_value,
     parse_head,
     parse_payload,
+    statement_problems,
+    verify_anchors,
     verify_chain,
     verify_rows,
 )
@@ -35,6 +38,7 @@ from fedatlas.coordinator.store.records import (
     AuditEntry,
     BundleRecord,
     CompositeRecord,
+    RejectionRecord,
     ReleaseRecord,
     SiteRecord,
     Store,
@@ -46,10 +50,27 @@ from fedatlas.coordinator.store.records import (
 )
 from fedatlas.coordinator.store.rows import describe, insert_record, record_from_row
 from fedatlas.shared.hashing import canonical_json, content_hash
+from fedatlas.shared.wire.composite import CompositeStatement
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the rejection log
+MAX_REJECTIONS = 100_000  # rejection log entries kept (the newest)
+REJECTION_TEXT = 500  # characters of a rejection's reason and claimed site kept
 BUSY_TIMEOUT_S = 30.0
 TABLES = ("meta", "sites", "releases", "bundles", "conditions", "composites", "audit")
+LOG_TABLES = ("rejections",)  # logs, not registry state: outside the audit and the snapshot
+_REJECTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rejections (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    bundle_id   TEXT NOT NULL,
+    site_id     TEXT NOT NULL,
+    reason_code TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    actor       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejections_by_bundle ON rejections (bundle_id);
+CREATE INDEX IF NOT EXISTS rejections_by_site ON rejections (site_id)
+"""
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -166,7 +187,7 @@ class SQLiteStore(Store):
             connection = cls._connect(file)
             cls._configure(connection, file)
             connection.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
+            for statement in [*_SCHEMA.split(";"), *_REJECTIONS_SCHEMA.split(";")]:
                 connection.execute(statement)
             connection.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -204,10 +225,36 @@ class SQLiteStore(Store):
         try:
             cls._check_registry(connection, file)
             cls._configure(connection, file)
+            cls._upgrade(connection, file)
         except BaseException:
             connection.close()
             raise
         return cls(connection, file)
+
+    @staticmethod
+    def _upgrade(connection: sqlite3.Connection, file: Path) -> None:
+        """Bring a registry of an earlier schema to :data:`SCHEMA_VERSION` (schema 1 lacks the
+        rejection log), in one transaction; a registry already current is left alone."""
+
+        def version() -> int:
+            query = "SELECT value FROM meta WHERE key = 'schema_version'"
+            return int(connection.execute(query).fetchone()[0])
+
+        try:
+            if version() >= SCHEMA_VERSION:
+                return
+            connection.execute("BEGIN IMMEDIATE")
+            if version() < SCHEMA_VERSION:  # another process may have upgraded meanwhile
+                for statement in _REJECTIONS_SCHEMA.split(";"):
+                    connection.execute(statement)
+                connection.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+                )
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise StoreError(f"cannot upgrade registry {file}: {exc}") from exc
 
     @staticmethod
     def _connect(file: Path) -> sqlite3.Connection:
@@ -372,6 +419,12 @@ class SQLiteStore(Store):
             "UPDATE meta SET value = ? WHERE key = 'audit_head'", (head_value(seq, entry_hash),)
         )
         return AuditEntry(seq, at, actor, event, subject, payload, prev_hash, entry_hash)
+
+    def audit_head(self) -> tuple[int, str]:
+        """Sequence number and hash of the audit log's newest entry (0 and the genesis hash
+        when it is empty)."""
+        with self._read() as connection:
+            return self._head(connection)
 
     def _head(self, connection: sqlite3.Connection) -> tuple[int, str]:
         row = connection.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
@@ -674,6 +727,18 @@ class SQLiteStore(Store):
             raise StoreError(
                 f"bundle {bundle_id!r}: a decision is 'accepted' or 'rejected', not {state!r}"
             )
+        return self._change_state(bundle_id, "held", state, "bundle.decide", actor, reason)
+
+    def withdraw_bundle(self, bundle_id: str, *, actor: str, reason: str) -> BundleRecord:
+        """Withdraw an accepted bundle: it becomes rejected and frees its condition names."""
+        return self._change_state(
+            bundle_id, "accepted", "rejected", "bundle.withdraw", actor, reason
+        )
+
+    def _change_state(
+        self, bundle_id: str, current: str, state: str, event: str, actor: str, reason: str
+    ) -> BundleRecord:
+        """Move a bundle from ``current`` to ``state`` (audited as ``event``)."""
         at = utc_now()
         with self._write() as connection:
             row = connection.execute(
@@ -682,9 +747,10 @@ class SQLiteStore(Store):
             if row is None:
                 raise StoreNotFoundError(f"bundle {bundle_id!r} is not registered")
             bundle = record_from_row(BundleRecord, row)
-            if bundle.state != "held":
+            if bundle.state != current:
                 raise StoreConflictError(
-                    f"bundle {bundle_id!r} is {bundle.state}; only a held bundle can be decided"
+                    f"bundle {bundle_id!r} is {bundle.state}; only a {current} bundle can be "
+                    + ("decided" if current == "held" else "withdrawn")
                 )
             bundle = replace(bundle, state=state, decided_at=at, decided_by=actor, reason=reason)
             connection.execute(
@@ -698,11 +764,39 @@ class SQLiteStore(Store):
                 connection,
                 at=at,
                 actor=actor,
-                event="bundle.decide",
+                event=event,
                 subject=f"bundle:{bundle_id}",
                 payload=describe(bundle, arrival=int(row["arrival"])),
             )
         return bundle
+
+    def add_rejection(self, record: RejectionRecord) -> None:
+        """Log a refused submission; only the newest :data:`MAX_REJECTIONS` entries stay."""
+        bounded = replace(
+            record, site_id=record.site_id[:REJECTION_TEXT], reason=record.reason[:REJECTION_TEXT]
+        )
+        with self._write() as connection:
+            insert_record(connection, "rejections", bounded)
+            connection.execute(
+                "DELETE FROM rejections WHERE seq <= (SELECT MAX(seq) FROM rejections) - ?",
+                (MAX_REJECTIONS,),
+            )
+
+    def rejections(
+        self, *, site_id: str | None = None, bundle_id: str | None = None, limit: int = 1_000
+    ) -> list[RejectionRecord]:
+        """The newest logged rejections first, optionally of one (claimed) site or bundle."""
+        clauses, params = ["1 = 1"], []
+        for column, value in (("site_id", site_id), ("bundle_id", bundle_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        with self._read() as connection:
+            rows = connection.execute(
+                f"SELECT * FROM rejections WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [record_from_row(RejectionRecord, row) for row in rows]
 
     def accepted_bundles(self) -> list[BundleRecord]:
         """Every accepted bundle, sorted by bundle id."""
@@ -785,17 +879,27 @@ class SQLiteStore(Store):
             )
         return entries
 
-    def verify_audit(self) -> list[str]:
+    def verify_audit(self, trusted_keys: Collection[bytes] | None = None) -> list[str]:
         """Readable integrity problems (empty when intact).
 
         Checks the hash chain (edited, removed or reordered entries), the head kept in
-        ``meta``, and that every site, release, bundle, composite, condition and meta row
-        matches the latest audit event about it (and that each has one).
+        ``meta``, that every site, release, bundle, composite, condition and meta row matches
+        the latest audit event about it (and that each has one), and that every composite's
+        signed statement (by one of ``trusted_keys`` when given) anchors an entry the chain
+        still holds.
         """
         with self._read() as connection:
             problems, latest = verify_chain(connection)
             problems += verify_rows(connection, latest)
+            problems += verify_anchors(connection, trusted_keys)
         return problems
+
+    def statement_problems(
+        self, statement: CompositeStatement, trusted_keys: Collection[bytes] | None = None
+    ) -> list[str]:
+        """Why a composite statement held elsewhere (a site's) does not vouch for this log."""
+        with self._read() as connection:
+            return statement_problems(statement, entry_hashes(connection), trusted_keys)
 
     def snapshot(self) -> str:
         """A digest of the full content of every table, independent of physical row order."""

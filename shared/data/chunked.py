@@ -17,7 +17,11 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 from numpy.typing import NDArray
 
-from fedatlas.shared.data.dataset import extract_annotations, require_obs_columns
+from fedatlas.shared.data.dataset import (
+    extract_annotations,
+    refuse_empty_cells,
+    require_obs_columns,
+)
 from fedatlas.shared.data.h5ad import open_h5ad
 from fedatlas.shared.data.preprocessing import as_count_matrix
 from fedatlas.shared.errors import InputDataError
@@ -51,13 +55,16 @@ class CountMatrix:
         where = f"{self.source} ({self.where}, cells {start:,}-{stop - 1:,})"
         try:
             if isinstance(self.element, h5py.Dataset):
-                return as_count_matrix(self.element[start:stop], where)
-            matrix = self._csr_rows(start, stop, where)
+                matrix = self.element[start:stop]
+            else:
+                matrix = self._csr_rows(start, stop, where)
         except (OSError, KeyError) as exc:
             raise InputDataError(
                 f"{where}: cannot be read ({exc}); the file may be damaged or truncated"
             ) from None
-        return as_count_matrix(matrix, where)
+        counts = as_count_matrix(matrix, where)
+        refuse_empty_cells(counts, where, first_row=start)
+        return counts
 
     def _csr_rows(self, start: int, stop: int, where: str) -> sp.csr_matrix:
         group = self.element

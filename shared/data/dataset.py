@@ -86,11 +86,29 @@ def extract_cells(
     if matrix is None:
         raise InputDataError(f"{source}: X is empty; pass --layer NAME with the raw counts")
     counts = as_count_matrix(matrix, f"{source} ({where})")
+    refuse_empty_cells(counts, f"{source} ({where})", adata.obs_names)
     genes, batches, labels = extract_annotations(
         adata.obs, adata.var, source=source, batch_key=batch_key, label_keys=label_keys,
         gene_key=gene_key,
     )  # fmt: skip
     return CellTable(counts, genes, batches, labels)
+
+
+def refuse_empty_cells(
+    counts: sp.csr_matrix, where: str, names: Sequence[str] | None = None, first_row: int = 0
+) -> None:
+    """Refuse cells without a single count: nothing can place them (they would map to one
+    arbitrary spot, be called unknown and still shape an adaptor). ``names`` are the cells'
+    names, else they are shown as row numbers from ``first_row``."""
+    empty = np.flatnonzero(np.asarray(counts.sum(axis=1)).ravel() == 0)
+    if empty.size:
+        shown = ", ".join(
+            str(names[i]) if names is not None else f"row {first_row + i:,}" for i in empty[:3]
+        )
+        raise InputDataError(
+            f"{where}: {empty.size:,} of {counts.shape[0]:,} cells have no counts at all (e.g. "
+            f"{shown}); remove empty cells first, e.g. sc.pp.filter_cells(adata, min_counts=1)"
+        )
 
 
 def extract_annotations(

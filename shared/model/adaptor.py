@@ -5,8 +5,11 @@ the network, plus prototypes of the site's labelled cell types (aggregates over 
 has no per-cell field, so its size does not depend on how many cells the site has.
 
 Composition appends each adaptor's rows to the release's condition tables and merges prototype
-catalogues. Rows are appended in condition-name order and prototypes merge in an order fixed by
-content hashes, so the composite (and its content hash) is the same for any order of adaptors.
+catalogues, each site's weight capped (:func:`~fedatlas.shared.model.prototypes.capped_merge`);
+the composite records, per label level and label, the weight each source contributed
+(``contributions``). Rows are appended in condition-name order and prototypes merge in an order
+fixed by content hashes, so the composite (and its content hash) is the same for any order of
+adaptors.
 """
 
 from __future__ import annotations
@@ -23,13 +26,57 @@ from torch import Tensor
 from fedatlas.shared.errors import AdaptorError, AdaptorHashError
 from fedatlas.shared.hashing import canonical_json, tensor_digest, tensor_index
 from fedatlas.shared.model import surgery
-from fedatlas.shared.model.artifact import Artifact
+from fedatlas.shared.model.artifact import HASH_TEXT, TENSOR_INDEX, Artifact
 from fedatlas.shared.model.nn.vae import CondVAE
-from fedatlas.shared.model.prototypes import PrototypeSet, merge_prototype_sets
+from fedatlas.shared.model.prototypes import PROTOTYPE_META, PrototypeSet, capped_merge
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
+from fedatlas.shared.validation import (
+    Int,
+    Json,
+    ListOf,
+    MapOf,
+    Record,
+    Str,
+    ValidationError,
+    check,
+    load_json,
+)
 
 ADAPTOR_FORMAT = "fedatlas-adaptor/1"
 METADATA_KEY = "fedatlas_adaptor"
+MAX_ID_LENGTH = 128  # site ids; condition names are SITE_ID/BATCH, at most twice that
+# what an adaptor's content holds (see extract_adaptor)
+ADAPTOR_CONTENT = Record(
+    {
+        "format": Str(64),
+        "site_id": Str(MAX_ID_LENGTH),
+        "release_id": HASH_TEXT,
+        "trunk_id": HASH_TEXT,
+        "conditions": ListOf(
+            Record({"name": Str(2 * MAX_ID_LENGTH + 1), "n_cells": Int(0, 2**40)}), 10_000
+        ),
+        "label_levels": ListOf(Str(256), 32),
+        "prototypes": MapOf(PROTOTYPE_META, 32),
+        "training": MapOf(Json(), 64),
+        "tensors": TENSOR_INDEX,
+    }
+)
+
+
+def adaptor_content(text: str, *, source: str, max_bytes: int) -> dict[str, Any]:
+    """An adaptor's content from its JSON text: strictly parsed, of format
+    :data:`ADAPTOR_FORMAT` and of the declared shape (:class:`AdaptorError` otherwise)."""
+    try:
+        content = load_json(text, source=source, max_bytes=max_bytes)
+        if isinstance(content, dict) and content.get("format") != ADAPTOR_FORMAT:
+            raise ValidationError(
+                f"{source}: format {str(content.get('format'))[:64]!r}, expected {ADAPTOR_FORMAT!r}"
+            )
+        check(content, ADAPTOR_CONTENT, source)
+    except ValidationError as exc:
+        raise AdaptorError(str(exc)) from None
+    result: dict[str, Any] = content
+    return result
 
 
 @dataclass
@@ -83,13 +130,13 @@ class Adaptor(Artifact):
         """Parse and verify serialised adaptor bytes (no pickle involved)."""
         try:
             tensors = safetensors.torch.load(data)
-            header = json.loads(_safetensors_metadata(data)[METADATA_KEY])
-            content, claimed = header["content"], header["content_hash"]
-        except Exception as exc:
+            text = _safetensors_metadata(data)[METADATA_KEY]
+            header = load_json(text, source=source, max_bytes=len(data))
+            content, claimed = header["content"], str(header["content_hash"])
+            provenance = dict(header.get("provenance", {}))
+        except Exception as exc:  # safetensors raises several types for damaged bytes
             raise AdaptorError(f"{source}: not a fedatlas adaptor file ({exc})") from None
-        return cls.verified(
-            content, tensors, claimed, provenance=header.get("provenance", {}), source=source
-        )
+        return cls.verified(content, tensors, claimed, provenance=provenance, source=source)
 
     @classmethod
     def verified(
@@ -101,13 +148,18 @@ class Adaptor(Artifact):
         provenance: dict[str, Any] | None = None,
         source: str = "adaptor",
     ) -> Adaptor:
-        """An adaptor from its parts, after checking its format, that its tensors are exactly
-        those its content lists (by SHA-256) and that the content has ``claimed_hash``."""
+        """An adaptor from its parts, after checking its format and shape, that its tensors are
+        exactly those its content lists (by SHA-256) and that the content has
+        ``claimed_hash``."""
         if not isinstance(content, dict) or content.get("format") != ADAPTOR_FORMAT:
             found = content.get("format") if isinstance(content, dict) else type(content).__name__
-            raise AdaptorError(f"{source}: format {found!r}, expected {ADAPTOR_FORMAT!r}")
+            raise AdaptorError(f"{source}: format {str(found)[:64]!r}, expected {ADAPTOR_FORMAT!r}")
+        try:
+            check(content, ADAPTOR_CONTENT, source)
+        except ValidationError as exc:
+            raise AdaptorError(str(exc)) from None
         adaptor = cls(content, tensors, provenance or {})
-        index = content.get("tensors", {})
+        index = content["tensors"]
         if set(index) != set(tensors):
             raise AdaptorError(f"{source}: tensors do not match the adaptor's index")
         for name, entry in index.items():
@@ -226,15 +278,18 @@ def compose(release: Release, adaptors: Sequence[Adaptor]) -> Release:
             for n in new_names
         ),
     ]
+    content["contributions"] = {}
     for i, level in enumerate(release.label_levels):
-        merged = merge_prototype_sets(
-            [release.prototypes(level)] + [a.prototypes(i) for a in adaptors]
-        )
+        by_site: dict[str, list[PrototypeSet]] = {}
+        for adaptor in adaptors:
+            by_site.setdefault(adaptor.site_id, []).append(adaptor.prototypes(i))
+        merged, shares = capped_merge(release.prototypes(level), by_site)
         for key in list(tensors):
             if key.startswith(prototype_prefix(i) + "."):
                 del tensors[key]
         tensors.update(merged.to_tensors(prototype_prefix(i)))
         content["prototypes"][level] = merged.describe()
+        content["contributions"][level] = shares
     content["lineage"] = {
         "base": release.content_hash,
         "adaptors": sorted(a.content_hash for a in adaptors),

@@ -8,6 +8,13 @@ from typing import Any
 from torch import Tensor
 
 from fedatlas.shared.hashing import content_hash
+from fedatlas.shared.validation import Int, ListOf, MapOf, Record, Str
+
+HASH_TEXT = Str(80)  # "sha256:" and 64 hex digits
+# content["tensors"]: every tensor's dtype, shape and SHA-256
+TENSOR_INDEX = MapOf(
+    Record({"dtype": Str(16), "shape": ListOf(Int(0, 2**40), 8), "sha256": HASH_TEXT}), 10_000
+)
 
 
 @dataclass

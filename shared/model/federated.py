@@ -10,7 +10,9 @@ one-hot columns, DSBN branches, per-condition dispersions) never leave it. One b
    coordinator elects the highly variable genes exactly as a central build does;
 3. rounds: the coordinator sends the trunk; each site trains the trunk and its own rows for a
    few local epochs (FedProx adds ``mu/2 * |trunk - sent trunk|^2``) and returns its trunk and
-   cell count; the coordinator averages the trunks weighted by cells (FedAvg);
+   cell count; the coordinator combines them without trusting either (:func:`aggregate_round`:
+   counts validated and capped, updates clipped, outliers left out, then FedAvg weighted by
+   cells, or a coordinate-wise median or trimmed mean);
 4. release: the final trunk becomes a release with no conditions of its own; each site turns
    its kept rows into its adaptor (a short surgery fine-tune on the frozen final trunk, plus its
    prototypes), which the registry verifies and composes like any other adaptor.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 
 Trunk = dict[str, Tensor]
 STRATEGIES = ("fedavg", "fedprox")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,22 @@ class FederatedPlan:
         seed: seed of the initial trunk (sites offset it by round).
         finish_epochs: epochs of the final surgery fine-tune of each site's rows (None: the
             preset's mapping recipe).
+        aggregation: how a round's updates are combined (:func:`aggregate_round`): ``fedavg``
+            (mean weighted by cells), ``median`` or ``trimmed-mean`` (coordinate-wise, every
+            site counting once, as Flower's FedMedian and FedTrimmedAvg).
+        trim_fraction: ``trimmed-mean`` cuts ``floor(trim_fraction * n)`` of the ``n`` values at
+            each end of every coordinate; the default cuts one site of 3 to 5, two of 6 to 8.
+        max_site_cells: the most cells one site's claim counts for in the weights; a larger
+            claim is capped (ten million: more than one hospital or lab holds for a reference
+            today, while a claim of 10^9 counts no more).
+        max_site_share: the largest share of the FedAvg weight one site can get (the excess
+            goes to the others in proportion to their cells); 0.5: no site outweighs all the
+            others together. 1 turns it off.
+        clip_factor: each site's update (its trunk minus the trunk sent) is scaled down to at
+            most this multiple of the round's median update norm (honest sites of similar size
+            measured within 1.7 times it).
+        outlier_factor: an update longer than this multiple of the median norm is left out of
+            the round (a trunk of zeros measured at 10 times it or more with 5 local epochs).
     """
 
     preset: str = "scpoli"
@@ -87,6 +108,12 @@ class FederatedPlan:
     label_level: str = "cell_type"
     seed: int = 0
     finish_epochs: int | None = None
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.34
+    max_site_cells: int = 10_000_000
+    max_site_share: float = 0.5
+    clip_factor: float = 2.0
+    outlier_factor: float = 5.0
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -100,6 +127,23 @@ class FederatedPlan:
             )
         if self.proximal_mu < 0 or (self.strategy == "fedavg" and self.proximal_mu):
             raise ConfigError("proximal mu must be >= 0, and is only used with fedprox")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"unknown aggregation {self.aggregation!r}; expected one of "
+                f"{', '.join(AGGREGATIONS)}"
+            )
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.max_site_cells < 1 or not 0 < self.max_site_share <= 1:
+            raise ConfigError(
+                f"max site cells must be >= 1 and max site share in (0, 1], got "
+                f"{self.max_site_cells} and {self.max_site_share}"
+            )
+        if not 1 <= self.clip_factor <= self.outlier_factor < math.inf:
+            raise ConfigError(
+                f"need 1 <= clip factor <= outlier factor (finite), got {self.clip_factor} "
+                f"and {self.outlier_factor}"
+            )
 
     @property
     def preset_spec(self) -> Preset:
@@ -174,21 +218,6 @@ def initial_trunk(plan: FederatedPlan, n_genes: int) -> Trunk:
     """The trunk every site starts from (deterministic in ``plan.seed``)."""
     torch.manual_seed(plan.seed)
     return trunk_of(CondVAE(plan.model_config(n_genes), 0))
-
-
-def average_trunks(updates: Sequence[tuple[Mapping[str, Tensor], int]]) -> Trunk:
-    """FedAvg: the cell-weighted mean of the sites' trunks (integer counters are rounded)."""
-    if not updates:
-        raise ValueError("no site returned a trunk")
-    total = float(sum(n for _, n in updates))
-    out: Trunk = {}
-    for name, first in updates[0][0].items():
-        mean = sum(t[name].to(torch.float64) * (n / total) for t, n in updates)
-        assert isinstance(mean, Tensor)
-        out[name] = (
-            mean.round().to(first.dtype) if not first.is_floating_point() else mean.to(first.dtype)
-        )
-    return out
 
 
 def trunk_problem(sent: Mapping[str, Tensor], returned: Mapping[str, Tensor]) -> str:
@@ -346,6 +375,162 @@ def _proximal_term(model: CondVAE, sent: Mapping[str, Tensor], mu: float) -> Cal
     return term
 
 
+def average_trunks(updates: Sequence[tuple[Mapping[str, Tensor], float]]) -> Trunk:
+    """FedAvg: the mean of the sites' trunks weighted by their cells (or any weights)."""
+    if not updates:
+        raise ValueError("no site returned a trunk")
+    total = float(sum(w for _, w in updates))
+    weights = torch.tensor([w / total for _, w in updates], dtype=torch.float64)
+    return _combine([t for t, _ in updates], lambda stack: torch.tensordot(weights, stack, dims=1))
+
+
+def trimmed_mean_trunks(trunks: Sequence[Mapping[str, Tensor]], cut: int) -> Trunk:
+    """The coordinate-wise mean of the sites' trunks without the ``cut`` lowest and ``cut``
+    highest values of each coordinate (Flower's FedTrimmedAvg); ``cut = (n - 1) // 2`` of ``n``
+    trunks leaves the coordinate-wise median (FedMedian)."""
+    n = len(trunks)
+    if not 0 <= 2 * cut < n:
+        raise ValueError(f"cannot cut {cut} of {n} trunks at each end")
+    return _combine(trunks, lambda stack: stack.sort(dim=0).values[cut : n - cut].mean(dim=0))
+
+
+def _combine(trunks: Sequence[Mapping[str, Tensor]], reduce: Callable[[Tensor], Tensor]) -> Trunk:
+    """Each tensor of the trunks reduced over the sites (``reduce`` gets them stacked in
+    float64, sites first); integer tensors (counters) are rounded back."""
+    out: Trunk = {}
+    for name, first in trunks[0].items():
+        value = reduce(torch.stack([t[name].to(torch.float64) for t in trunks]))
+        out[name] = (
+            value.to(first.dtype) if first.is_floating_point() else value.round().to(first.dtype)
+        )
+    return out
+
+
+def update_norm(sent: Mapping[str, Tensor], trunk: Mapping[str, Tensor]) -> float:
+    """The length of a site's update: the L2 norm of ``trunk - sent`` over every
+    floating-point tensor (weights and batch-norm statistics; integer counters are not
+    updates)."""
+    squares = sum(
+        float(((trunk[k].to(torch.float64) - v.to(torch.float64)) ** 2).sum())
+        for k, v in sent.items()
+        if v.is_floating_point()
+    )
+    return math.sqrt(squares)
+
+
+def capped_shares(cells: Mapping[str, int], max_share: float) -> dict[str, float]:
+    """Each site's share of the FedAvg weight: in proportion to its cells, but at most
+    ``max_share``; what a capped site loses goes to the others in proportion to their cells.
+    Equal shares when ``max_share`` cannot hold (fewer than ``1 / max_share`` sites)."""
+    if max_share * len(cells) < 1:
+        return dict.fromkeys(cells, 1.0 / len(cells))
+    shares: dict[str, float] = {}
+    free = dict(cells)
+    while True:  # at least one site stays free: max_share * len(cells) >= 1
+        left, total = 1.0 - sum(shares.values()), sum(free.values())
+        over = [s for s, n in free.items() if left * n / total > max_share]
+        if not over:
+            return {**shares, **{s: left * n / total for s, n in free.items()}}
+        for site in over:
+            shares[site] = max_share
+            del free[site]
+
+
+@dataclass
+class RoundAggregate:
+    """One round's updates combined by :func:`aggregate_round`, and how each site fared.
+
+    Attributes:
+        trunk: the new trunk.
+        weights: the sites whose update went in, with their weight (equal for ``median`` and
+            ``trimmed-mean``).
+        cells: their counts as weighed (capped at the plan's ``max_site_cells``).
+        norms: the update norm of every update with a valid count.
+        scale: the round's median update norm.
+        clipped: the sites whose update was scaled down to ``clip_factor * scale``.
+        left_out: the sites whose update was left out, with the reason.
+    """
+
+    trunk: Trunk
+    weights: dict[str, float]
+    cells: dict[str, int]
+    norms: dict[str, float]
+    scale: float
+    clipped: list[str]
+    left_out: dict[str, str]
+
+
+def aggregate_round(
+    plan: FederatedPlan, sent: Mapping[str, Tensor], updates: Mapping[str, RoundUpdate]
+) -> RoundAggregate:
+    """Combine a round's updates (trunks that pass :func:`trunk_problem`) trusting no claim:
+
+    1. an update whose cell count is not a positive integer is left out; a count above
+       ``plan.max_site_cells`` counts as that many;
+    2. each update's norm (:func:`update_norm`) is compared with the round's median norm over
+       the valid updates: above ``outlier_factor`` times it the update is left out, above
+       ``clip_factor`` times it the update is scaled down to that length;
+    3. the rest are combined by ``plan.aggregation``: FedAvg with :func:`capped_shares` of the
+       capped counts, or the coordinate-wise median or trimmed mean (every site once).
+
+    With a majority of honest sites the median norm is an honest one, so no update counts for
+    more than ``clip_factor`` times an honest update's length. A round left with no update keeps
+    the trunk sent; nothing a site claims makes this fail.
+    """
+    left_out: dict[str, str] = {}
+    valid: dict[str, RoundUpdate] = {}
+    for site, update in sorted(updates.items()):
+        if update.n_cells < 1:
+            left_out[site] = f"claims {update.n_cells} cells; a count must be a positive integer"
+        else:
+            valid[site] = update
+    norms = {s: update_norm(sent, u.trunk) for s, u in valid.items()}
+    scale = statistics.median(norms.values()) if norms else 0.0
+    used: dict[str, Mapping[str, Tensor]] = {}
+    clipped = []
+    for site, update in valid.items():
+        if norms[site] > plan.outlier_factor * scale:
+            left_out[site] = (
+                f"update norm {norms[site]:.4g} > {plan.outlier_factor:g} x the round's median "
+                f"{scale:.4g}"
+            )
+        elif norms[site] > plan.clip_factor * scale:
+            used[site] = _shortened(sent, update.trunk, plan.clip_factor * scale / norms[site])
+            clipped.append(site)
+        else:
+            used[site] = update.trunk
+    for site, reason in left_out.items():
+        log.warning("site %s: update left out of the round: %s", site, reason)
+    cells = {s: min(valid[s].n_cells, plan.max_site_cells) for s in used}
+    weights = _weights(plan, cells)
+    if not used:
+        trunk = dict(sent)
+    elif plan.aggregation == "fedavg":
+        trunk = average_trunks([(used[s], weights[s]) for s in used])
+    else:
+        n = len(used)
+        cut = (n - 1) // 2 if plan.aggregation == "median" else int(plan.trim_fraction * n)
+        trunk = trimmed_mean_trunks(list(used.values()), cut)
+    return RoundAggregate(trunk, weights, cells, norms, scale, clipped, left_out)
+
+
+def _weights(plan: FederatedPlan, cells: Mapping[str, int]) -> dict[str, float]:
+    """The weight of each used site: capped shares for FedAvg, else equal."""
+    if not cells:
+        return {}
+    if plan.aggregation == "fedavg":
+        return capped_shares(cells, plan.max_site_share)
+    return dict.fromkeys(cells, 1.0 / len(cells))
+
+
+def _shortened(sent: Mapping[str, Tensor], trunk: Mapping[str, Tensor], factor: float) -> Trunk:
+    """``sent + factor * (trunk - sent)`` for the floating-point tensors; counters as sent back."""
+    return {
+        k: (v + factor * (trunk[k] - v)) if v.is_floating_point() else trunk[k]
+        for k, v in sent.items()
+    }
+
+
 def federated_release(
     plan: FederatedPlan,
     genes: Sequence[str],
@@ -405,10 +590,13 @@ def train_federated(
     plan: FederatedPlan,
     *,
     on_round: Callable[[int, list[str], Trunk, Mapping[str, SiteTrainer]], None] | None = None,
+    on_update: Callable[[int, str, Trunk, RoundUpdate], RoundUpdate] | None = None,
 ) -> FederatedResult:
     """Run a whole federated build with every site in this process (what the Flower apps do,
     without transport). ``on_round(r, genes, trunk, trainers)`` sees the elected genes, the
-    averaged trunk and the sites (with the rows they keep) after every round."""
+    aggregated trunk and the sites (with the rows they keep) after every round.
+    ``on_update(r, site, sent, update)`` returns what the coordinator receives from ``site``
+    in round ``r`` in place of its honest ``update`` (a hostile site, for the tests)."""
     trainers = {s: SiteTrainer(cells, s, plan) for s, cells in sites.items()}
     universe = gene_universe([t.gene_names() for t in trainers.values()])
     genes = elect_genes(universe, [t.votes(universe) for t in trainers.values()], plan)
@@ -416,9 +604,13 @@ def train_federated(
     history: list[dict[str, Any]] = []
     for r in range(plan.rounds):
         started = time.perf_counter()
-        updates = {s: t.train_round(genes, trunk, r) for s, t in trainers.items()}
-        trunk = average_trunks([(u.trunk, u.n_cells) for u in updates.values()])
-        history.append(round_record(r, updates, time.perf_counter() - started))
+        updates = {}
+        for site, trainer in trainers.items():
+            update = trainer.train_round(genes, trunk, r)
+            updates[site] = update if on_update is None else on_update(r, site, trunk, update)
+        aggregate = aggregate_round(plan, trunk, updates)
+        trunk = aggregate.trunk
+        history.append(round_record(r, updates, aggregate, time.perf_counter() - started))
         log.info("federated round %d/%d: %s", r + 1, plan.rounds, history[-1]["loss"])
         if on_round is not None:
             on_round(r, genes, trunk, trainers)
@@ -431,12 +623,22 @@ def train_federated(
 
 
 def round_record(
-    round_index: int, updates: Mapping[str, RoundUpdate], seconds: float
+    round_index: int,
+    updates: Mapping[str, RoundUpdate],
+    aggregate: RoundAggregate,
+    seconds: float,
 ) -> dict[str, Any]:
-    """A round's line in the release's history: per-site cells and loss."""
+    """A round's line in the release's history: per site the loss and the cells it claims;
+    how the updates were combined (weights, update norms, their median, the sites clipped)
+    and which were left out, with the reason."""
     return {
         "round": round_index + 1,
         "seconds": round(seconds, 3),
         "loss": {s: round(u.loss, 4) for s, u in sorted(updates.items())},
         "n_cells": {s: u.n_cells for s, u in sorted(updates.items())},
+        "weights": {s: round(w, 4) for s, w in sorted(aggregate.weights.items())},
+        "update_norms": {s: round(n, 4) for s, n in sorted(aggregate.norms.items())},
+        "median_norm": round(aggregate.scale, 4),
+        "clipped": sorted(aggregate.clipped),
+        "left_out": dict(sorted(aggregate.left_out.items())),
     }

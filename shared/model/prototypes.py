@@ -6,7 +6,7 @@ count of their latent positions); it never carries an individual cell.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,12 @@ from torch import Tensor
 
 from fedatlas.shared.data.dataset import UNLABELED
 from fedatlas.shared.hashing import canonical_json, digest
+from fedatlas.shared.validation import ListOf, Record, Str
 
+# the manifest entry of one level's prototypes (:meth:`PrototypeSet.describe`)
+PROTOTYPE_META = Record(
+    {"labels": ListOf(Str(256), 100_000), "sources": ListOf(ListOf(Str(256), 10_000), 100_000)}
+)
 VARIANCE_FLOOR = 0.01  # per-dimension variances are floored at this share of their mean
 TAIL_Z = 2.326  # standard-normal quantile of 99 %: where a type's own cells mostly end
 
@@ -201,6 +206,114 @@ def merge_prototype_sets(sets: Sequence[PrototypeSet]) -> PrototypeSet:
         np.asarray([p[3] for p in pooled], np.float32),
         tuple(totals[label].sources for label in labels),
     )
+
+
+ROBUST_MIN_SOURCES = 3  # from this many sources on, a label's mean is a weighted median
+# ... and each source's variances are clipped to within this factor of their weighted median
+# (honest sites' spreads were up to 3.35 times the reference's: see Policy.spread_factor)
+MERGE_SPREAD_CLIP = 3.0
+
+
+def capped_merge(
+    base: PrototypeSet, contributions: Mapping[str, Sequence[PrototypeSet]]
+) -> tuple[PrototypeSet, dict[str, dict[str, int]]]:
+    """Merge ``base`` (the reference's catalogue) with the sites' prototypes so that one site
+    moves a label only within bounds, whatever counts it claims or however many bundles it
+    sends.
+
+    Each site's sets are pooled into one, and its weight for a label is capped at the median
+    count the contributing sites give that label (and, for a label of the reference, at the
+    reference's count). Variances and spread statistics are pooled with these weights. A label
+    with at least :data:`ROBUST_MIN_SOURCES` sources (the reference and the sites) takes the
+    weighted coordinate-wise median of their means, which a source of less than half the
+    weight cannot move beyond the others' range, and its variances are pooled around that
+    centre after clipping each source's to within :data:`MERGE_SPREAD_CLIP` of their weighted
+    median; with fewer sources everything is pooled. Returns the merged set (its counts are
+    the weights used) and, per label, the weight each source contributed (``"reference"`` or a
+    site id).
+    """
+    pooled = {
+        site: merge_prototype_sets(list(sets)) for site, sets in sorted(contributions.items())
+    }
+    base_counts = dict(zip(base.labels, base.counts.tolist(), strict=True))
+    claims: dict[str, list[int]] = {}
+    for pset in pooled.values():
+        for label, count in zip(pset.labels, pset.counts.tolist(), strict=True):
+            claims.setdefault(label, []).append(int(count))
+    caps = {label: int(np.median(counts)) for label, counts in claims.items()}
+    caps = {label: min(cap, base_counts[label]) if base_counts.get(label, 0) > 0 else cap
+            for label, cap in caps.items()}  # fmt: skip
+    sources = [("reference", base), *((s, _capped(p, caps)) for s, p in pooled.items())]
+    shares: dict[str, dict[str, int]] = {}
+    for source, pset in sources:
+        for label, count in zip(pset.labels, pset.counts.tolist(), strict=True):
+            shares.setdefault(label, {})[source] = int(count)
+    merged = [_merge_label(label, [s for _, s in sources if label in s.labels])
+              for label in sorted(shares)]  # fmt: skip
+    if not merged:
+        return PrototypeSet.empty(base.latent_dim), {}
+    return _concatenate(merged), dict(sorted(shares.items()))
+
+
+def _merge_label(label: str, sets: Sequence[PrototypeSet]) -> PrototypeSet:
+    """One label's prototype from the sets that have it (see :func:`capped_merge`)."""
+    rows = [_only(s, label) for s in sets]
+    pooled = merge_prototype_sets(rows)
+    if len(rows) < ROBUST_MIN_SOURCES:
+        return pooled
+    weights = np.asarray([int(r.counts[0]) for r in rows], np.float64)
+    means = np.stack([r.means[0].astype(np.float64) for r in rows])
+    spreads = np.stack([r.variances[0].astype(np.float64) for r in rows])
+    centre = _weighted_median(means, weights)
+    typical = _weighted_median(spreads, weights)
+    spreads = np.clip(spreads, typical / MERGE_SPREAD_CLIP, typical * MERGE_SPREAD_CLIP)
+    # second moments pooled around the centre, each source's variances clipped
+    variances = weights @ (spreads + (means - centre) ** 2) / weights.sum()
+    return PrototypeSet(
+        (label,), centre[None].astype(np.float32), variances[None].astype(np.float32),
+        pooled.counts, pooled.log_d2, pooled.sources,
+    )  # fmt: skip
+
+
+def _weighted_median(values: NDArray[np.float64], weights: NDArray[np.float64]) -> NDArray[Any]:
+    """Per column of ``values`` (sources x columns), the smallest value holding at least half
+    of the total weight at or below it."""
+    table = values.reshape(len(values), -1)
+    order = np.argsort(table, axis=0, kind="stable")
+    cumulative = np.cumsum(weights[order], axis=0)
+    pick = np.argmax(cumulative >= cumulative[-1] / 2.0, axis=0)
+    rows = np.take_along_axis(order, pick[None], axis=0)
+    return np.take_along_axis(table, rows, axis=0)[0].reshape(values.shape[1:])
+
+
+def _only(pset: PrototypeSet, label: str) -> PrototypeSet:
+    """``pset`` restricted to ``label``."""
+    i = pset.labels.index(label)
+    return PrototypeSet(
+        (label,), pset.means[i : i + 1], pset.variances[i : i + 1], pset.counts[i : i + 1],
+        pset.log_d2[i : i + 1], pset.sources[i : i + 1],
+    )  # fmt: skip
+
+
+def _concatenate(sets: Sequence[PrototypeSet]) -> PrototypeSet:
+    """One set holding the labels of ``sets`` (each label in one of them), in their order."""
+    return PrototypeSet(
+        tuple(label for s in sets for label in s.labels),
+        np.concatenate([s.means for s in sets]).astype(np.float32),
+        np.concatenate([s.variances for s in sets]).astype(np.float32),
+        np.concatenate([s.counts for s in sets]).astype(np.int64),
+        np.concatenate([s.log_d2 for s in sets]).astype(np.float32),
+        tuple(src for s in sets for src in s.sources),
+    )
+
+
+def _capped(pset: PrototypeSet, caps: Mapping[str, int]) -> PrototypeSet:
+    """``pset`` with each label's count lowered to its cap."""
+    counts = np.asarray(
+        [min(int(n), caps[label]) for label, n in zip(pset.labels, pset.counts, strict=True)],
+        np.int64,
+    )
+    return PrototypeSet(pset.labels, pset.means, pset.variances, counts, pset.log_d2, pset.sources)
 
 
 class _Pool:

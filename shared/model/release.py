@@ -33,9 +33,24 @@ from fedatlas.shared.config import ModelConfig, PreprocessingRecipe, TrainConfig
 from fedatlas.shared.errors import ConfigError, ReleaseError
 from fedatlas.shared.hashing import content_hash, tensor_digest, tensor_index
 from fedatlas.shared.model import surgery
-from fedatlas.shared.model.artifact import Artifact
+from fedatlas.shared.model.artifact import HASH_TEXT, TENSOR_INDEX, Artifact
 from fedatlas.shared.model.nn.vae import CondVAE
-from fedatlas.shared.model.prototypes import PrototypeSet
+from fedatlas.shared.model.prototypes import PROTOTYPE_META, PrototypeSet
+from fedatlas.shared.validation import (
+    Bool,
+    Int,
+    Json,
+    ListOf,
+    MapOf,
+    Nullable,
+    Num,
+    OneOf,
+    Record,
+    Str,
+    ValidationError,
+    check,
+    load_json,
+)
 
 RELEASE_FORMAT = "fedatlas-release/1"
 MANIFEST_FILE = "manifest.json"
@@ -44,6 +59,47 @@ MODEL_PREFIX = "model."
 LATENT_TENSOR = "reference.latent"
 CONDITION_TENSOR = "reference.condition"
 EMBEDDING_TABLE = "embedding" + surgery.TABLE_SUFFIX  # condition embeddings (without MODEL_PREFIX)
+
+
+MAX_MANIFEST_BYTES = 256 << 20  # genes, conditions and label vocabularies of a large atlas
+_CONFIG = MapOf(Json(), 64)
+_THRESHOLDS = MapOf(OneOf((Num(), MapOf(Num(), 64))), 8)  # by method: one, or by label level
+RELEASE_CONTENT = Record(
+    {
+        "format": Str(64),
+        "kind": Str(32),
+        "preset": Str(64),
+        "model": _CONFIG,
+        "preprocessing": _CONFIG,
+        "mapping": _CONFIG,
+        "genes": ListOf(Str(256), 1_000_000),
+        "conditions": ListOf(
+            Record({"name": Str(256), "n_cells": Int(0, 2**40)}, optional={"origin": Str(256)}),
+            1_000_000,
+        ),
+        "label_levels": ListOf(Str(256), 32),
+        "prototypes": MapOf(PROTOTYPE_META, 32),
+        "transfer": Record({"method": Str(32), "unknown_thresholds": _THRESHOLDS}, open=True),
+        "trunk_id": HASH_TEXT,
+        "tensors": TENSOR_INDEX,
+    },
+    optional={
+        "unlabeled_prototypes": Nullable(PROTOTYPE_META),
+        "reference": Record(
+            {
+                "n_cells": Int(0, 2**40),
+                "keeps_latents": Bool(),
+                "label_vocab": MapOf(ListOf(Str(256), 1_000_000), 32),
+            },
+        ),
+        "lineage": Record({"base": Nullable(HASH_TEXT), "adaptors": ListOf(HASH_TEXT, 1_000_000)}),
+    },
+    open=True,  # later formats may add fields (e.g. a federated build's record)
+)
+MANIFEST = Record(
+    {"content": RELEASE_CONTENT, "content_hash": HASH_TEXT},
+    optional={"provenance": MapOf(Json(), 64)},
+)
 
 
 def prototype_prefix(level_index: int) -> str:
@@ -269,19 +325,47 @@ class Release(Artifact):
     def from_manifest(
         cls, manifest_json: str, tensors: dict[str, Tensor], *, source: str
     ) -> Release:
-        """A verified release from its manifest text and its tensors."""
+        """A verified release from its manifest text and its tensors: strict JSON, every field
+        of the declared shape, every tensor and the content matching their hashes, and the
+        typed views readable (:class:`ReleaseError` for anything else)."""
         try:
-            manifest = json.loads(manifest_json)
-            content = manifest["content"]
-            claimed = manifest["content_hash"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            manifest = load_json(
+                manifest_json, source=f"{source} manifest", max_bytes=MAX_MANIFEST_BYTES
+            )
+            check(manifest, MANIFEST, f"{source} manifest")
+        except ValidationError as exc:
             raise ReleaseError(f"{source}: malformed manifest ({exc})") from None
-        if not isinstance(content, dict) or content.get("format") != RELEASE_FORMAT:
-            found = content.get("format") if isinstance(content, dict) else None
-            raise ReleaseError(f"{source}: format {found!r}, expected {RELEASE_FORMAT!r}")
+        content = manifest["content"]
+        if content.get("format") != RELEASE_FORMAT:
+            raise ReleaseError(
+                f"{source}: format {content.get('format')!r}, expected {RELEASE_FORMAT!r}"
+            )
         release = cls(content, tensors, manifest.get("provenance", {}))
-        release.verify(claimed, source=source)
+        release.verify(manifest["content_hash"], source=source)
+        release.check_views(source)
         return release
+
+    def check_views(self, source: str) -> None:
+        """Raise :class:`ReleaseError` unless every typed view of the content reads: the
+        configurations, the genes and conditions, each level's prototypes and thresholds."""
+        try:
+            config, _, _ = self.model_config, self.recipe, self.mapping_defaults
+            if len(self.genes) != config.n_genes or len(set(self.genes)) != len(self.genes):
+                raise ValueError(f"{len(self.genes)} genes for a network of {config.n_genes}")
+            if len(set(self.condition_names)) != len(self.condition_names):
+                raise ValueError("a condition is listed twice")
+            if self.label_levels != list(self.content["prototypes"]):
+                raise ValueError("the label levels and the prototype catalogue disagree")
+            for level in self.label_levels:
+                self.prototypes(level)
+            self.unlabeled_prototypes()
+            for method in self.content["transfer"]["unknown_thresholds"]:
+                if not all(0.0 <= t <= 1.0 for t in self.unknown_thresholds(method).values()):
+                    raise ValueError(f"{method} unknown thresholds outside [0, 1]")
+        except (ConfigError, ValueError, KeyError) as exc:
+            raise ReleaseError(
+                f"{source}: the manifest does not describe a release ({exc})"
+            ) from None
 
     def verify(self, claimed_hash: str, *, source: str) -> None:
         """Check tensors against the manifest's index and the content against ``claimed_hash``."""

@@ -89,6 +89,8 @@ def map_h5ad(
     t0 = time.perf_counter()
     with open_h5ad(source.path) as file, _output_copy(out) as tmp:
         counts = CountMatrix(file, source.layer, where)
+        if counts.n_cells == 0:
+            raise InputDataError(f"{where}: contains no cells")
         genes, batches, labels = file_annotations(
             file, where, source.batch_key, source.label_keys, source.gene_key
         )

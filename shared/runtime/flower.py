@@ -111,9 +111,11 @@ def supervise(
     *,
     every: float = 1.0,
     tick: Callable[[], object] | None = None,
+    shutdown: Callable[[], object] | None = None,
 ) -> int:
     """Keep ``process`` running until SIGINT or SIGTERM, calling ``tick`` every ``every``
-    seconds; then stop it with its children. Returns 0, or 1 if it exited on its own."""
+    seconds; then stop it with its children (or call ``shutdown``, which does). Returns 0, or
+    1 if it exited on its own."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -123,7 +125,10 @@ def supervise(
             return 1
         if tick is not None:
             tick()
-    stop(process)
+    if shutdown is None:
+        stop(process)
+    else:
+        shutdown()
     return 0
 
 

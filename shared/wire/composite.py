@@ -75,6 +75,22 @@ class CompositeStatement:
         return str(self.body["content_hash"])
 
     @property
+    def audit_head(self) -> tuple[int, str] | None:
+        """The audit log entry (sequence number, hash) the statement anchors, if it has one
+        (statements signed before anchoring have none)."""
+        head = self.body.get("audit_head")
+        if not isinstance(head, dict):
+            return None
+        seq, entry_hash = head.get("seq"), head.get("entry_hash")
+        if type(seq) is not int or not isinstance(entry_hash, str):
+            return None
+        return seq, entry_hash
+
+    def signed_by_its_key(self) -> bool:
+        """True when the key the statement names made its signature."""
+        return verify_signature(self.coordinator_key, self.statement_json.encode(), self.signature)
+
+    @property
     def coordinator_key(self) -> bytes:
         """The signing coordinator's raw public key."""
         return bytes.fromhex(self.body["coordinator_key"])
@@ -129,8 +145,11 @@ def sign_composite(
     base_release_id: str,
     bundle_ids: Sequence[str],
     created_at: str,
+    audit_head: tuple[int, str],
 ) -> CompositeStatement:
-    """The coordinator's signed statement for ``composite``."""
+    """The coordinator's signed statement for ``composite``; ``audit_head`` (the sequence
+    number and hash of the audit log's newest entry when it was signed) anchors the log: a
+    rewrite of any entry up to it no longer matches what every holder of the composite has."""
     statement = canonical_json(
         {
             "kind": STATEMENT_KIND,
@@ -140,6 +159,7 @@ def sign_composite(
             "bundles": sorted(bundle_ids),
             "created_at": created_at,
             "coordinator_key": public_bytes(key).hex(),
+            "audit_head": {"seq": audit_head[0], "entry_hash": audit_head[1]},
         }
     )
     return CompositeStatement(statement.decode(), sign(key, statement))

@@ -68,11 +68,7 @@ def write_keypair(directory: Path, stem: str, *, overwrite: bool = False) -> Key
             serialization.NoEncryption(),
         ),
     )
-    pair.public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    pair.public.write_bytes(public_pem(public_bytes(key)))
     return pair
 
 
@@ -110,15 +106,33 @@ def load_node_public_key(path: Path) -> str:
     return text
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    """Read an Ed25519 private key, refusing files that group or others may read."""
-    data = _read(path, "private key")
+def _refuse_shared(path: Path) -> None:
+    """Refuse a private key file that group or others may read or write."""
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"{path}: private key is accessible by other users (mode {stat.S_IMODE(mode):o}); "
             f"run: chmod 600 {path}"
         )
+
+
+def check_node_private_key(path: Path) -> None:
+    """Check a site's Flower node key (as ``flower-supernode`` will read it): present, readable
+    by its owner only, and an EC P-384 private key in OpenSSH format."""
+    data = _read(path, "node private key")
+    _refuse_shared(path)
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path}: not an OpenSSH private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
+        raise KeyFileError(f"{path}: an EC P-384 node key is expected")
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """Read an Ed25519 private key, refusing files that group or others may read."""
+    data = _read(path, "private key")
+    _refuse_shared(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -138,6 +152,13 @@ def load_public_key(path: Path) -> bytes:
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path}: an Ed25519 public key is expected")
     return public_bytes(key)
+
+
+def public_pem(public_key: bytes) -> bytes:
+    """A raw Ed25519 public key as the PEM file :func:`load_public_key` reads."""
+    return Ed25519PublicKey.from_public_bytes(public_key).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def public_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:

@@ -24,49 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x61tlas/v1/coordinator.proto\x12\x0b\x66\x65\x64\x61tlas.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xe4\x01\n\x06\x42undle\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x10\n\x08trunk_id\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x64\x61ptor_json\x18\x05 \x01(\t\x12$\n\x07tensors\x18\x06 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\"1\n\tTensorSet\x12$\n\x07tensors\x18\x01 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\"s\n\tComposite\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x16\n\x0estatement_json\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\"\x15\n\x13GetCompositeRequest\"^\n\x0e\x43ompositeChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedatlas.v1.CompositeHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04partJ\x04\x08\x02\x10\x03\"f\n\x0f\x43ompositeHeader\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\tJ\x04\x08\x03\x10\x08\"%\n\x13SubmitBundleRequest\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\"\xe3\x01\n\x10SubmissionStatus\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.fedatlas.v1.SubmissionState\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x13\n\x0breason_code\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0breceived_at\x18\x06 \x01(\t\x12\x12\n\ndecided_at\x18\x07 \x01(\t\x12\x1c\n\x14\x63omposite_generation\x18\x08 \x01(\x04\x12\x12\n\nconditions\x18\t \x03(\t\"/\n\x1aGetSubmissionStatusRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"&\n\x13ListAdaptorsRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"G\n\x14ListAdaptorsResponse\x12/\n\x08\x61\x64\x61ptors\x18\x01 \x03(\x0b\x32\x1d.fedatlas.v1.SubmissionStatus\"\x12\n\x10ListSitesRequest\"m\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0b\x65nrolled_at\x18\x03 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\x12\x12\n\nn_adaptors\x18\x05 \x01(\r\"9\n\x11ListSitesResponse\x12$\n\x05sites\x18\x01 \x03(\x0b\x32\x15.fedatlas.v1.SiteInfo\"\x0f\n\rHealthRequest\"\x8c\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1c\n\x14\x63omposite_generation\x18\x03 \x01(\x04\x12\x16\n\x0e\x63omposite_hash\x18\x04 \x01(\t\x12#\n\x1b\x63oordinator_key_fingerprint\x18\x05 \x01(\t*\x8c\x01\n\x0fSubmissionState\x12 \n\x1cSUBMISSION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19SUBMISSION_STATE_ACCEPTED\x10\x01\x12\x19\n\x15SUBMISSION_STATE_HELD\x10\x02\x12\x1d\n\x19SUBMISSION_STATE_REJECTED\x10\x03\x32\xf2\x03\n\x0b\x43oordinator\x12O\n\x0cGetComposite\x12 .fedatlas.v1.GetCompositeRequest\x1a\x1b.fedatlas.v1.CompositeChunk0\x01\x12O\n\x0cSubmitBundle\x12 .fedatlas.v1.SubmitBundleRequest\x1a\x1d.fedatlas.v1.SubmissionStatus\x12]\n\x13GetSubmissionStatus\x12\'.fedatlas.v1.GetSubmissionStatusRequest\x1a\x1d.fedatlas.v1.SubmissionStatus\x12S\n\x0cListAdaptors\x12 .fedatlas.v1.ListAdaptorsRequest\x1a!.fedatlas.v1.ListAdaptorsResponse\x12J\n\tListSites\x12\x1d.fedatlas.v1.ListSitesRequest\x1a\x1e.fedatlas.v1.ListSitesResponse\x12\x41\n\x06Health\x12\x1a.fedatlas.v1.HealthRequest\x1a\x1b.fedatlas.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x61tlas/v1/coordinator.proto\x12\x0b\x66\x65\x64\x61tlas.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf2\x01\n\x06\x42undle\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x10\n\x08trunk_id\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x64\x61ptor_json\x18\x05 \x01(\t\x12$\n\x07tensors\x18\x06 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\r\n\x05nonce\x18\x08 \x01(\x0c\x12\x19\n\x11signer_public_key\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x0c\n\x04\x62ody\x18\x0b \x01(\x0c\"\xa2\x01\n\nBundleBody\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x10\n\x08trunk_id\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x64\x61ptor_json\x18\x04 \x01(\t\x12$\n\x07tensors\x18\x05 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\r\n\x05nonce\x18\x07 \x01(\x0c\"1\n\tTensorSet\x12$\n\x07tensors\x18\x01 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\"s\n\tComposite\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x16\n\x0estatement_json\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12$\n\x07tensors\x18\x04 \x03(\x0b\x32\x13.fedatlas.v1.Tensor\"\x15\n\x13GetCompositeRequest\"^\n\x0e\x43ompositeChunk\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedatlas.v1.CompositeHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04partJ\x04\x08\x02\x10\x03\"f\n\x0f\x43ompositeHeader\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ontent_hash\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\tJ\x04\x08\x03\x10\x08\"%\n\x13SubmitBundleRequest\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\"\xe3\x01\n\x10SubmissionStatus\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.fedatlas.v1.SubmissionState\x12\x0f\n\x07site_id\x18\x03 \x01(\t\x12\x13\n\x0breason_code\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x0breceived_at\x18\x06 \x01(\t\x12\x12\n\ndecided_at\x18\x07 \x01(\t\x12\x1c\n\x14\x63omposite_generation\x18\x08 \x01(\x04\x12\x12\n\nconditions\x18\t \x03(\t\"/\n\x1aGetSubmissionStatusRequest\x12\x11\n\tbundle_id\x18\x01 \x01(\t\"&\n\x13ListAdaptorsRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"G\n\x14ListAdaptorsResponse\x12/\n\x08\x61\x64\x61ptors\x18\x01 \x03(\x0b\x32\x1d.fedatlas.v1.SubmissionStatus\"\x12\n\x10ListSitesRequest\"m\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0b\x65nrolled_at\x18\x03 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x04 \x01(\t\x12\x12\n\nn_adaptors\x18\x05 \x01(\r\"9\n\x11ListSitesResponse\x12$\n\x05sites\x18\x01 \x03(\x0b\x32\x15.fedatlas.v1.SiteInfo\"\x0f\n\rHealthRequest\"\x8c\x01\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1c\n\x14\x63omposite_generation\x18\x03 \x01(\x04\x12\x16\n\x0e\x63omposite_hash\x18\x04 \x01(\t\x12#\n\x1b\x63oordinator_key_fingerprint\x18\x05 \x01(\t*\x8c\x01\n\x0fSubmissionState\x12 \n\x1cSUBMISSION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19SUBMISSION_STATE_ACCEPTED\x10\x01\x12\x19\n\x15SUBMISSION_STATE_HELD\x10\x02\x12\x1d\n\x19SUBMISSION_STATE_REJECTED\x10\x03\x32\xf2\x03\n\x0b\x43oordinator\x12O\n\x0cGetComposite\x12 .fedatlas.v1.GetCompositeRequest\x1a\x1b.fedatlas.v1.CompositeChunk0\x01\x12O\n\x0cSubmitBundle\x12 .fedatlas.v1.SubmitBundleRequest\x1a\x1d.fedatlas.v1.SubmissionStatus\x12]\n\x13GetSubmissionStatus\x12\'.fedatlas.v1.GetSubmissionStatusRequest\x1a\x1d.fedatlas.v1.SubmissionStatus\x12S\n\x0cListAdaptors\x12 .fedatlas.v1.ListAdaptorsRequest\x1a!.fedatlas.v1.ListAdaptorsResponse\x12J\n\tListSites\x12\x1d.fedatlas.v1.ListSitesRequest\x1a\x1e.fedatlas.v1.ListSitesResponse\x12\x41\n\x06Health\x12\x1a.fedatlas.v1.HealthRequest\x1a\x1b.fedatlas.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedatlas.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMISSIONSTATE']._serialized_start=1518
-  _globals['_SUBMISSIONSTATE']._serialized_end=1658
+  _globals['_SUBMISSIONSTATE']._serialized_start=1697
+  _globals['_SUBMISSIONSTATE']._serialized_end=1837
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=112
   _globals['_BUNDLE']._serialized_start=115
-  _globals['_BUNDLE']._serialized_end=343
-  _globals['_TENSORSET']._serialized_start=345
-  _globals['_TENSORSET']._serialized_end=394
-  _globals['_COMPOSITE']._serialized_start=396
-  _globals['_COMPOSITE']._serialized_end=511
-  _globals['_GETCOMPOSITEREQUEST']._serialized_start=513
-  _globals['_GETCOMPOSITEREQUEST']._serialized_end=534
-  _globals['_COMPOSITECHUNK']._serialized_start=536
-  _globals['_COMPOSITECHUNK']._serialized_end=630
-  _globals['_COMPOSITEHEADER']._serialized_start=632
-  _globals['_COMPOSITEHEADER']._serialized_end=734
-  _globals['_SUBMITBUNDLEREQUEST']._serialized_start=736
-  _globals['_SUBMITBUNDLEREQUEST']._serialized_end=773
-  _globals['_SUBMISSIONSTATUS']._serialized_start=776
-  _globals['_SUBMISSIONSTATUS']._serialized_end=1003
-  _globals['_GETSUBMISSIONSTATUSREQUEST']._serialized_start=1005
-  _globals['_GETSUBMISSIONSTATUSREQUEST']._serialized_end=1052
-  _globals['_LISTADAPTORSREQUEST']._serialized_start=1054
-  _globals['_LISTADAPTORSREQUEST']._serialized_end=1092
-  _globals['_LISTADAPTORSRESPONSE']._serialized_start=1094
-  _globals['_LISTADAPTORSRESPONSE']._serialized_end=1165
-  _globals['_LISTSITESREQUEST']._serialized_start=1167
-  _globals['_LISTSITESREQUEST']._serialized_end=1185
-  _globals['_SITEINFO']._serialized_start=1187
-  _globals['_SITEINFO']._serialized_end=1296
-  _globals['_LISTSITESRESPONSE']._serialized_start=1298
-  _globals['_LISTSITESRESPONSE']._serialized_end=1355
-  _globals['_HEALTHREQUEST']._serialized_start=1357
-  _globals['_HEALTHREQUEST']._serialized_end=1372
-  _globals['_HEALTHRESPONSE']._serialized_start=1375
-  _globals['_HEALTHRESPONSE']._serialized_end=1515
-  _globals['_COORDINATOR']._serialized_start=1661
-  _globals['_COORDINATOR']._serialized_end=2159
+  _globals['_BUNDLE']._serialized_end=357
+  _globals['_BUNDLEBODY']._serialized_start=360
+  _globals['_BUNDLEBODY']._serialized_end=522
+  _globals['_TENSORSET']._serialized_start=524
+  _globals['_TENSORSET']._serialized_end=573
+  _globals['_COMPOSITE']._serialized_start=575
+  _globals['_COMPOSITE']._serialized_end=690
+  _globals['_GETCOMPOSITEREQUEST']._serialized_start=692
+  _globals['_GETCOMPOSITEREQUEST']._serialized_end=713
+  _globals['_COMPOSITECHUNK']._serialized_start=715
+  _globals['_COMPOSITECHUNK']._serialized_end=809
+  _globals['_COMPOSITEHEADER']._serialized_start=811
+  _globals['_COMPOSITEHEADER']._serialized_end=913
+  _globals['_SUBMITBUNDLEREQUEST']._serialized_start=915
+  _globals['_SUBMITBUNDLEREQUEST']._serialized_end=952
+  _globals['_SUBMISSIONSTATUS']._serialized_start=955
+  _globals['_SUBMISSIONSTATUS']._serialized_end=1182
+  _globals['_GETSUBMISSIONSTATUSREQUEST']._serialized_start=1184
+  _globals['_GETSUBMISSIONSTATUSREQUEST']._serialized_end=1231
+  _globals['_LISTADAPTORSREQUEST']._serialized_start=1233
+  _globals['_LISTADAPTORSREQUEST']._serialized_end=1271
+  _globals['_LISTADAPTORSRESPONSE']._serialized_start=1273
+  _globals['_LISTADAPTORSRESPONSE']._serialized_end=1344
+  _globals['_LISTSITESREQUEST']._serialized_start=1346
+  _globals['_LISTSITESREQUEST']._serialized_end=1364
+  _globals['_SITEINFO']._serialized_start=1366
+  _globals['_SITEINFO']._serialized_end=1475
+  _globals['_LISTSITESRESPONSE']._serialized_start=1477
+  _globals['_LISTSITESRESPONSE']._serialized_end=1534
+  _globals['_HEALTHREQUEST']._serialized_start=1536
+  _globals['_HEALTHREQUEST']._serialized_end=1551
+  _globals['_HEALTHRESPONSE']._serialized_start=1554
+  _globals['_HEALTHRESPONSE']._serialized_end=1694
+  _globals['_COORDINATOR']._serialized_start=1840
+  _globals['_COORDINATOR']._serialized_end=2338
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("format_version", "site_id", "release_id", "trunk_id", "adaptor_json", "tensors", "created_at", "nonce", "signer_public_key", "signature")
+    __slots__ = ("format_version", "site_id", "release_id", "trunk_id", "adaptor_json", "tensors", "created_at", "nonce", "signer_public_key", "signature", "body")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Bundle(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     site_id: str
     release_id: str
@@ -52,7 +53,26 @@ class Bundle(_message.Message):
     nonce: bytes
     signer_public_key: bytes
     signature: bytes
-    def __init__(self, format_version: _Optional[int] = ..., site_id: _Optional[str] = ..., release_id: _Optional[str] = ..., trunk_id: _Optional[str] = ..., adaptor_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., created_at: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signer_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    body: bytes
+    def __init__(self, format_version: _Optional[int] = ..., site_id: _Optional[str] = ..., release_id: _Optional[str] = ..., trunk_id: _Optional[str] = ..., adaptor_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., created_at: _Optional[str] = ..., nonce: _Optional[bytes] = ..., signer_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class BundleBody(_message.Message):
+    __slots__ = ("site_id", "release_id", "trunk_id", "adaptor_json", "tensors", "created_at", "nonce")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTOR_JSON_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    release_id: str
+    trunk_id: str
+    adaptor_json: str
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    created_at: str
+    nonce: bytes
+    def __init__(self, site_id: _Optional[str] = ..., release_id: _Optional[str] = ..., trunk_id: _Optional[str] = ..., adaptor_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., created_at: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class TensorSet(_message.Message):
     __slots__ = ("tensors",)

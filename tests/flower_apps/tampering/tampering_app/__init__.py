@@ -1,1 +1,0 @@
-"""A tampering Flower app for the tests."""
