@@ -46,6 +46,24 @@ def test_prototype_transfer_labels_and_flags_the_unseen() -> None:
     assert np.all(np.diff(along) >= 0)
 
 
+def test_a_small_diffuse_type_does_not_capture_shifted_cells() -> None:
+    # A common type (1,000 cells, unit spread) and a rare diffuse one (36 cells, spread 3 per
+    # dimension, 10 units away). A condition shift moves the common type's cells 8 units off
+    # both: in each prototype's own spread the diffuse one is nearer (164 / 9 = 18 against 64),
+    # in the shared scale the common one (64 against 164, both over ~1.3).
+    rng = np.random.default_rng(0)
+    common = rng.normal(0, 1, (1000, 4))
+    rare = np.r_[10.0, 0, 0, 0] + rng.normal(0, 3, (36, 4))
+    latent = np.vstack([common, rare]).astype(np.float32)
+    labels = np.array(["CD4 T"] * 1000 + ["rare"] * 36, dtype=object)
+    prototypes, _ = PrototypeSet.from_latents(latent, labels, "ref")
+    shifted = (common[:200] + np.r_[0, 8.0, 0, 0]).astype(np.float32)
+    result = prototype_transfer(shifted, prototypes, threshold=0.5)
+    assert np.mean(result.labels == "CD4 T") > 0.95
+    # ... and being far from its type, each shifted cell is uncertain
+    assert np.median(result.uncertainty) > 0.5
+
+
 def test_knn_transfer_follows_scarches() -> None:
     latent, labels = _clusters()
     query, truth = _clusters(seed=1)

@@ -119,6 +119,28 @@ def test_world_structure_is_independent_of_what_is_sampled() -> None:
     assert not np.array_equal(six.batch_effect("a")[0], six.batch_effect("b")[0])
 
 
+def test_a_stimulated_batch_shows_one_response_in_every_type() -> None:
+    world = SyntheticWorld(seed=3, stimulated=("stim",))
+    response = world.response()
+    up = response > 0
+    assert up.sum() == round(world.response_fraction * world.n_genes)
+    for cell_type in world.cell_types:
+        shift = np.log(
+            world.mean_profile(cell_type, "stim") / world.mean_profile(cell_type, "ctrl")
+        )
+        # the response's genes rise against the rest by the response itself (batch effects
+        # of the two names differ too, hence the tolerance)
+        lift = shift[up] - np.median(shift[~up])
+        assert np.corrcoef(lift, response[up])[0, 1] > 0.8
+    # an unstimulated world has the same programmes and no response
+    plain = SyntheticWorld(seed=3)
+    np.testing.assert_array_equal(
+        plain.mean_profile("type_1", "ctrl"), world.mean_profile("type_1", "ctrl")
+    )
+    with pytest.raises(ConfigError, match="response_fraction"):
+        SyntheticWorld(response_fraction=0.0)
+
+
 def test_samples_of_one_world_share_programmes() -> None:
     world = SyntheticWorld(seed=5, n_genes=500, cell_types=("t0", "t1", "t2"))
     first = world.sample(900, batches=["lab"], seed=1)

@@ -16,7 +16,12 @@ Site structure: a batch drawn for a site (``sample(..., site=NAME)``) is the bat
 ``NAME/BATCH`` of that site. Its effect is the site's own gene-wise log factor (lab, protocol:
 shared by all of the site's batches, ``site_effect_strength``) plus the batch's own, so batches
 of one site resemble each other more than batches of different sites, and two sites may both
-have a batch called ``b1`` without sharing its effect. `SyntheticWorld.write_h5ad` writes a
+have a batch called ``b1`` without sharing its effect.
+
+Condition response: the batches named in ``stimulated`` also carry one response programme shared
+by every cell type (``response_fraction`` of the genes raised about ``exp(response_log_fold)``-
+fold, as after a stimulation or a treatment), added to the logits above: a known type
+measured under a condition the reference never saw. `SyntheticWorld.write_h5ad` writes a
 site's cells straight to an ``.h5ad`` file block by block (10^6 cells and more in the memory of
 one block).
 
@@ -64,6 +69,7 @@ _TAG_SAMPLE = 4
 _TAG_BLOCK = 5
 _TAG_SITE = 6
 _TAG_FILE_BLOCK = 7
+_TAG_RESPONSE = 8
 _BLOCK_ENTRIES = 2**21  # matrix entries generated per random stream / work unit
 _SMALL_MEAN = 2.0  # below this NB mean, nonzero counts are drawn by inverse CDF
 _BASELINE_SD = 1.8  # spread of the shared log-normal baseline expression
@@ -96,7 +102,8 @@ class SyntheticWorld:
     (a type programme raises ``de_fraction`` of the genes and lowers half as many, each by about
     ``exp(de_log_fold)``-fold). ``library_size`` is the typical number of UMIs per cell over the
     ``n_genes`` genes. ``site_effect_strength`` is the standard deviation of the natural-log
-    gene-wise factor a site adds to all of its batches.
+    gene-wise factor a site adds to all of its batches. Batches named in ``stimulated`` carry
+    the world's response programme (:meth:`response`).
     """
 
     seed: int = 0
@@ -107,6 +114,9 @@ class SyntheticWorld:
     de_fraction: float = 0.06
     de_log_fold: float = 1.5
     site_effect_strength: float = 0.3
+    stimulated: tuple[str, ...] = ()
+    response_fraction: float = 0.05
+    response_log_fold: float = 2.0
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -127,6 +137,9 @@ class SyntheticWorld:
             raise ConfigError("library_size must be > 0")
         if not 0 < self.de_fraction <= 0.5:
             raise ConfigError("de_fraction must be in (0, 0.5]")
+        if not 0 < self.response_fraction <= 0.5:
+            raise ConfigError("response_fraction must be in (0, 0.5]")
+        object.__setattr__(self, "stimulated", tuple(str(b) for b in self.stimulated))
 
     # ------------------------------------------------------------------ deterministic structure
 
@@ -174,6 +187,22 @@ class SyntheticWorld:
         return log_factor, lib_log_mean, lib_log_sd
 
     @cached_property
+    def _response(self) -> np.ndarray:
+        rng = _rng(self.seed, _TAG_RESPONSE, self.n_genes)
+        n_up = max(1, round(self.response_fraction * self.n_genes))
+        lfc = np.zeros(self.n_genes)
+        lfc[rng.permutation(self.n_genes)[:n_up]] = rng.lognormal(
+            np.log(self.response_log_fold), 0.35, n_up
+        )
+        return lfc
+
+    def response(self) -> np.ndarray:
+        """Log fold changes (natural log, one per gene) of the condition response that every
+        cell type of a ``stimulated`` batch shows; a deterministic function of (seed, n_genes,
+        response settings)."""
+        return self._response.copy()
+
+    @cached_property
     def _programmes(self) -> dict[str, np.ndarray]:
         return {t: self.programme(t) for t in self.cell_types}
 
@@ -195,6 +224,8 @@ class SyntheticWorld:
         )
         if site is not None:
             logits += self.site_effect(site)
+        if _site_batch(site, batch) in self.stimulated:
+            logits += self._response
         p = np.exp(logits - logits.max())
         return p / p.sum()
 

@@ -20,7 +20,11 @@ from numpy.typing import NDArray
 from sklearn.neighbors import NearestNeighbors
 
 from fedatlas.shared.errors import ConfigError
-from fedatlas.shared.model.prototypes import PrototypeSet, standardized_sq_distances
+from fedatlas.shared.model.prototypes import (
+    PrototypeSet,
+    floored_variances,
+    standardized_sq_distances,
+)
 
 UNKNOWN = "unknown"
 DEFAULT_KNN_NEIGHBORS = 50
@@ -58,32 +62,49 @@ def prototype_transfer(
 ) -> Transfer:
     """Nearest-prototype labels with a per-type calibrated uncertainty.
 
-    Distances are standardised squared distances d^2_k to each prototype in that prototype's own
-    spread (diagonal Mahalanobis); a cell takes the label of the closest. Two things make it
-    uncertain, and u = 1 - p(k) (1 - novelty) combines them:
+    A cell takes the label of the prototype closest in one shared scale: squared distances
+    standardised by the count-weighted mean of the prototypes' variances (a linear discriminant
+    with a diagonal covariance). Standardising by each prototype's own spread instead lets the
+    most diffuse type capture every cell that a condition shift moved away from all types
+    (issue 16: a small, diffuse type took 294 of 752 shifted CD4 T cells on held-out data). Two
+    things make it uncertain, and u = 1 - p(k) (1 - novelty) combines them:
 
-    * ambiguity: p(k) is the cell's Student-t soft assignment to its type, proportional to
-      (1 + d^2_k / D)^(-(D + 1) / 2) over all prototypes (D = latent dimension), which is low
-      for a cell between two types;
-    * novelty: 1 / (1 + (r_k / d^2_k)^2), where r_k is the radius holding about 99 % of that
+    * ambiguity: p(k) is the cell's Student-t soft assignment to its type in the shared scale,
+      proportional to (1 + d^2_k / D)^(-(D + 1) / 2) over all prototypes (D = latent
+      dimension), which is low for a cell between two types;
+    * novelty: 1 / (1 + (r_k / d^2_k)^2), with d^2_k the cell's distance to its type in that
+      type's own spread (diagonal Mahalanobis) and r_k the radius holding about 99 % of the
       type's own cells: near 0 inside the type, 0.5 at its edge, towards 1 beyond.
     """
     _check_threshold(threshold)
     if len(prototypes) == 0:
         raise ConfigError("the release has no prototypes to transfer labels from")
-    d2 = standardized_sq_distances(latent, prototypes.means, prototypes.variances)
+    weights = np.maximum(prototypes.counts, 1).astype(np.float64)
+    shared = np.average(floored_variances(prototypes.variances), axis=0, weights=weights)
+    d2 = standardized_sq_distances(
+        latent, prototypes.means, np.broadcast_to(shared, prototypes.variances.shape)
+    )
     dim = latent.shape[1]
     rows = np.arange(d2.shape[0])
     best = d2.argmin(axis=1)
-    nearest = d2[rows, best]
     log_weights = -0.5 * (dim + 1) * np.log1p(d2 / dim)
     log_weights -= log_weights.max(axis=1, keepdims=True)
-    weights = np.exp(log_weights)
-    assignment = weights[rows, best] / weights.sum(axis=1)
-    novelty = 1.0 / (1.0 + (prototypes.radii[best] / np.maximum(nearest, 1e-12)) ** 2)
+    soft = np.exp(log_weights)
+    assignment = soft[rows, best] / soft.sum(axis=1)
+    own = _own_sq_distances(latent, prototypes, best)
+    novelty = 1.0 / (1.0 + (prototypes.radii[best] / np.maximum(own, 1e-12)) ** 2)
     uncertainty = (1.0 - assignment * (1.0 - novelty)).astype(np.float32)
     labels = np.asarray(prototypes.labels, dtype=object)[best]
     return Transfer(labels=labels, uncertainty=uncertainty, threshold=threshold)
+
+
+def _own_sq_distances(
+    latent: NDArray[np.float32], prototypes: PrototypeSet, best: NDArray[np.int64]
+) -> NDArray[np.float64]:
+    """Each cell's squared distance to prototype ``best`` in that prototype's own spread."""
+    inv = 1.0 / floored_variances(prototypes.variances)[best]
+    diff = np.asarray(latent, dtype=np.float64) - prototypes.means[best].astype(np.float64)
+    return np.asarray((diff**2 * inv).sum(axis=1))
 
 
 def knn_transfer(
