@@ -134,6 +134,7 @@ def merge(
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the committed file private
     os.replace(tmp, out)
 
 

@@ -1,4 +1,4 @@
-"""One run of the robustness suite: a CellBench split through the path a user takes.
+"""One run of the robustness suite: a split (CellBench or synthetic) through the path a user takes.
 
 Every stem is written as a site holds it (an ``.h5ad`` of raw counts on the union of the five
 datasets' genes, absent genes zero, ``obs`` batch and cell_type); the reference file holds the
