@@ -15,7 +15,6 @@ order-independent), content-hashed, signed and stored with the next generation n
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -351,8 +350,8 @@ class Registry:
             except StoreError as exc:
                 raise RegistryError(str(exc)) from None
             composite = self.ensure_composite(actor=actor)
-            outcome = Outcome.of(self.bundle(record.bundle_id), 0)
-            return dataclasses.replace(outcome, generation=composite.generation if composite else 0)
+            generation = composite.generation if composite else 0
+            return Outcome.of(self.bundle(record.bundle_id), generation)
 
     def bundle(self, bundle_id: str) -> BundleRecord:
         """A stored bundle by id or unique prefix of its hex digest."""

@@ -32,6 +32,7 @@ from fedatlas.shared.wire.bundle import (
     NONCE_BYTES,
     BundleError,
     BundleHashError,
+    Fields,
     SignedBundle,
     parse_bundle,
 )
@@ -113,7 +114,7 @@ class Verified:
     """A bundle that passed every check, with its signed fields and adaptor."""
 
     bundle: SignedBundle
-    fields: Any  # the signed BundleBody
+    fields: Fields  # the signed BundleBody
     adaptor: Adaptor
     site: SiteRecord
     new_labels: tuple[str, ...]  # labels the catalogue did not have
@@ -163,7 +164,7 @@ def verify_bundle(raw: bytes, store: Store, reference: Reference, policy: Policy
     return Verified(bundle, fields, adaptor, site, tuple(new_labels))
 
 
-def _check_field_sizes(fields: Any) -> None:
+def _check_field_sizes(fields: Fields) -> None:
     """The signed body's fields within their bounds (the adaptor JSON is bounded when read)."""
     if len(fields.nonce) != NONCE_BYTES:
         raise BundleError(f"nonce of {len(fields.nonce)} bytes, expected {NONCE_BYTES}")
@@ -198,7 +199,7 @@ def _check_site(bundle: SignedBundle, store: Store) -> SiteRecord:
     return site
 
 
-def _check_release(fields: Any, reference: Reference) -> None:
+def _check_release(fields: Fields, reference: Reference) -> None:
     release_id = fields.release_id
     if release_id not in reference.accepted_ids or fields.trunk_id != reference.release.trunk_id:
         raise Rejection(
@@ -209,7 +210,7 @@ def _check_release(fields: Any, reference: Reference) -> None:
         )
 
 
-def _check_consistency(bundle: SignedBundle, fields: Any, content: dict[str, Any]) -> None:
+def _check_consistency(bundle: SignedBundle, fields: Fields, content: dict[str, Any]) -> None:
     for key, expected in (
         ("site_id", bundle.site_id),
         ("release_id", fields.release_id),

@@ -249,6 +249,17 @@ def renamed(adaptor: Adaptor, *, batch: str = "", labels: dict[str, str] | None 
     return content
 
 
+def _most_cells(adaptor: Adaptor, **tensors: Callable[[torch.Tensor], torch.Tensor]) -> Adaptor:
+    """``adaptor`` altered by ``tensors``, its condition claiming the most cells a condition may
+    (10^7) and every prototype 2 * 10^6 of them: the largest weight the policy allows."""
+    return altered(
+        adaptor,
+        content=renamed(adaptor, n_cells=10_000_000),
+        count=lambda c: c * 0 + 2_000_000,
+        **tensors,
+    )
+
+
 def _swap(first: int, second: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def swap(rows: torch.Tensor) -> torch.Tensor:
         order = list(range(rows.shape[0]))
@@ -342,38 +353,24 @@ ATTACKS: dict[str, tuple[str, Attack]] = {
         "every label's variance 9.5 x the catalogue's (just under the spread bound), the "
         "most cells a site may claim",
         lambda a, r: [
-            altered(
-                a,
-                content=renamed(a, n_cells=10_000_000),
-                var=lambda v: torch.from_numpy(r.prototypes(LEVEL).variances * 9.5),
-                count=lambda c: c * 0 + 2_000_000,
-            )
+            _most_cells(a, var=lambda v: torch.from_numpy(r.prototypes(LEVEL).variances * 9.5))
         ],
     ),
     "bounded_radius": (
         "every label's radius 2.9 x the catalogue's (just under the radius bound), the most cells",
         lambda a, r: [
-            altered(
+            _most_cells(
                 a,
-                content=renamed(a, n_cells=10_000_000),
                 log_d2=lambda d: (
                     torch.from_numpy(r.prototypes(LEVEL).log_d2)
                     + torch.tensor([math.log(2.9), 0.0])
                 ),
-                count=lambda c: c * 0 + 2_000_000,
             )
         ],
     ),
     "bounded_shift": (
         "label A's mean moved 45 % of the way to B's (inside A's radius), the most cells",
-        lambda a, r: [
-            altered(
-                a,
-                content=renamed(a, n_cells=10_000_000),
-                mean=_toward(r, 0, 1, 0.45),
-                count=lambda c: c * 0 + 2_000_000,
-            )
-        ],
+        lambda a, r: [_most_cells(a, mean=_toward(r, 0, 1, 0.45))],
     ),
 }
 
