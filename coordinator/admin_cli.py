@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,39 @@ def _add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("accept", "hold"),
         help="accept labels new to the catalogue, or hold their bundles for approval (accept)",
     )
+    parser.add_argument(
+        "--max-epsilon",
+        type=_epsilon_or_none,
+        metavar="E|none",
+        help="each site's differential-privacy budget per release: bundles without DP, or "
+        "beyond the budget, are refused (over_budget); 'none' removes it (default none)",
+    )
+    parser.add_argument(
+        "--dp-delta", type=float, help="the delta budgets are stated at (default 1e-5)"
+    )
+    parser.add_argument(
+        "--require-dp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse bundles made without differential privacy (default: no)",
+    )
+
+
+NO_BUDGET = "none"
+
+
+def _epsilon_or_none(text: str) -> float | str:
+    if text.strip().lower() == NO_BUDGET:
+        return NO_BUDGET
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number or 'none', got {text!r}"
+        ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"epsilon must be a positive number, got {text!r}")
+    return value
 
 
 def _register_reference(sections: Any) -> None:
@@ -351,6 +385,8 @@ def _policy_from(args: argparse.Namespace, base: Any) -> Any:
         for field in dataclasses.fields(Policy)
         if getattr(args, field.name) is not None
     }
+    if changes.get("max_epsilon") == NO_BUDGET:
+        changes["max_epsilon"] = None
     return dataclasses.replace(base, **changes)
 
 
@@ -439,24 +475,57 @@ def _list_sites(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
         sites = registry.store.list_sites()
         counts = registry.bundles_per_site()
-    rows = [
-        {
-            "site_id": s.site_id,
-            "status": s.status,
-            "key_fingerprint": fingerprint(s.public_key),
-            "enrolled_at": s.enrolled_at,
-            "revoked_at": s.revoked_at,
-            "bundles": counts.get(s.site_id, 0),
-        }
-        for s in sites
-    ]
+        ledger = registry.privacy_ledger()
+        policy = registry.policy
+    rows = []
+    for s in sites:
+        spend = ledger.get(s.site_id)
+        epsilon = spend.epsilon(policy.dp_delta) if spend else 0.0
+        rows.append(
+            {
+                "site_id": s.site_id,
+                "status": s.status,
+                "key_fingerprint": fingerprint(s.public_key),
+                "enrolled_at": s.enrolled_at,
+                "revoked_at": s.revoked_at,
+                "bundles": counts.get(s.site_id, 0),
+                "privacy": {  # this release: epsilon at the policy's delta (null: unbounded)
+                    "epsilon": epsilon if math.isfinite(epsilon) else None,
+                    "delta": policy.dp_delta,
+                    "rho": spend.rho if spend else 0.0,
+                    "private_bundles": spend.private_bundles if spend else 0,
+                    "other_bundles": spend.other_bundles if spend else 0,
+                    "budget": policy.max_epsilon,
+                },
+            }
+        )
+    budget = "" if policy.max_epsilon is None else f" of {policy.max_epsilon:g}"
+
+    def spent(r: dict[str, Any]) -> str:
+        eps = r["privacy"]["epsilon"]
+        return "unbounded" if eps is None else f"{eps:.3g}{budget}"
+
     print_result(
         {"sites": rows},
         args.json,
         table(
-            ["SITE", "STATUS", "KEY", "ENROLLED", "BUNDLES"],
             [
-                [r["site_id"], r["status"], r["key_fingerprint"], r["enrolled_at"], r["bundles"]]
+                "SITE",
+                "STATUS",
+                "KEY",
+                "ENROLLED",
+                "BUNDLES",
+                f"EPSILON (delta {policy.dp_delta:g})",
+            ],
+            [
+                [
+                    r["site_id"],
+                    r["status"],
+                    r["key_fingerprint"],
+                    r["enrolled_at"],
+                    r["bundles"],
+                    spent(r),
+                ]
                 for r in rows
             ],
         )

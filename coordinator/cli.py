@@ -17,6 +17,7 @@ from fedatlas.coordinator.server import serve_forever, start_server
 from fedatlas.coordinator.simulation import simulate
 from fedatlas.shared.config import PRESETS as PRESET_NAMES
 from fedatlas.shared.model.federated import AGGREGATIONS, FederatedPlan
+from fedatlas.shared.model.federated_genes import read_gene_list
 from fedatlas.shared.runtime.commands import add_subcommand, print_result, table
 from fedatlas.shared.runtime.flower import supervise
 
@@ -89,7 +90,8 @@ def register(groups: Any, name: str, help_text: str) -> None:
     build = add_subcommand(
         commands, "federated-build", _federated_build,
         "train a reference across sites that may not pool cells (FedAvg/FedProx on Flower)",
-        "The connected sites' SuperNodes send their gene names and per-batch gene dispersions "
+        "The connected sites' SuperNodes say which genes they hold (only of --gene-list, or "
+        "only those in their public gene universe) and send per-batch gene dispersions "
         "(aggregates; no cell's values), the coordinator elects the highly variable genes, "
         "then each round every site trains the shared trunk and its own condition rows on "
         "its cells and returns the trunk and its cell count. No claim is trusted: a count must "
@@ -116,6 +118,12 @@ def register(groups: Any, name: str, help_text: str) -> None:
         help="name of the release's label level; each site maps its --label-key onto it "
         "(empty: no labels)",
     )  # fmt: skip
+    build.add_argument(
+        "--gene-list", type=Path, metavar="PATH",
+        help="the build's genes: a file of names (one per line) or a release directory (its "
+        "genes); each site then only says which of them it holds. Without it each site names "
+        "its genes that are in its public gene universe (site node --gene-universe)",
+    )  # fmt: skip
     build.add_argument("--finish-epochs", type=int, help="epochs of each site's final fine-tune")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument(
@@ -129,6 +137,23 @@ def register(groups: Any, name: str, help_text: str) -> None:
             "--" + field.replace("_", "-"), type=kind, default=default,
             help=f"{help_text} ({default:,})",
         )  # fmt: skip
+    build.add_argument(
+        "--secure-aggregation", action="store_true",
+        help="SecAgg+ in every round: the coordinator learns only the cell-weighted sum of the "
+        "sites' updates (needs --aggregation fedavg; each site clips its own update, no "
+        "outlier is left out and --max-site-share does not apply)",
+    )  # fmt: skip
+    build.add_argument(
+        "--secure-clip-norm", type=float, default=FederatedPlan.secure_clip_norm,
+        help="with --secure-aggregation: L2 bound of a site's update in the first round (every "
+        f"round with DP), later --clip-factor times the mean update norm "
+        f"({FederatedPlan.secure_clip_norm:g})",
+    )  # fmt: skip
+    build.add_argument(
+        "--dp-noise-multiplier", type=float, default=FederatedPlan.dp_noise_multiplier,
+        help="with --secure-aggregation: DP-FedAvg, Gaussian noise of this many times one "
+        "site's largest influence on the mean update (0: off)",
+    )  # fmt: skip
 
     simulate = add_subcommand(
         commands, "simulate", _simulate,
@@ -213,11 +238,14 @@ def _federated_build(args: argparse.Namespace) -> int:
         strategy=args.strategy, proximal_mu=args.proximal_mu if args.strategy == "fedprox" else 0.0,
         n_top_genes=args.n_top_genes, label_level=args.label_level, seed=args.seed,
         finish_epochs=args.finish_epochs, aggregation=args.aggregation,
+        secure_aggregation=args.secure_aggregation, secure_clip_norm=args.secure_clip_norm,
+        dp_noise_multiplier=args.dp_noise_multiplier,
         **{field: getattr(args, field) for field, _, _ in SAFEGUARDS},
     )  # fmt: skip
     report = run_federated_build(
-        args.store, args.superlink, plan, min_sites=args.min_sites, timeout=args.timeout
-    )
+        args.store, args.superlink, plan, min_sites=args.min_sites, timeout=args.timeout,
+        gene_list=read_gene_list(args.gene_list) if args.gene_list else None,
+    )  # fmt: skip
     rows = _site_rows(report) + [
         [d["site_id"] or "-", n, f"left at {d['step']}", "", d["reason"]]
         for n, d in report["dropped"].items()

@@ -15,7 +15,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,6 +38,7 @@ from fedatlas.coordinator.fleet_proxy import FleetProxyServer
 from fedatlas.coordinator.registry import StoreLayout
 from fedatlas.coordinator.store import SQLiteStore
 from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.hashing import digest
 from fedatlas.shared.model.federated import FederatedPlan
 from fedatlas.shared.runtime.flower import (
     CONNECTION,
@@ -415,15 +416,38 @@ def run_campaign_app(
 
 
 def run_federated_build(
-    store: Path, superlink: str | None, plan: FederatedPlan, *, min_sites: int, timeout: float
+    store: Path,
+    superlink: str | None,
+    plan: FederatedPlan,
+    *,
+    min_sites: int,
+    timeout: float,
+    gene_list: Sequence[str] | None = None,
+    app: Path = APP_DIR,
 ) -> dict[str, Any]:
     """Run a federated reference build (the Flower app's ``federated-build`` task) on the
-    SuperLink and wait for it; the build's report. ``superlink``: see :func:`control_address`."""
+    SuperLink and wait for it; the build's report. ``superlink``: see :func:`control_address`.
+    With ``gene_list`` the sites only say which of those genes they hold (it is written to
+    ``STORE/flower/gene-lists/`` for the ServerApp). ``app``: the Flower app to run."""
+    run_config = {"task": "federated-build", "plan": plan.to_json()}
+    if gene_list is not None:
+        text = "".join(f"{g}\n" for g in gene_list)
+        path = flower_dir(store) / "gene-lists" / f"{digest(text.encode())[7:23]}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        run_config["gene-list"] = str(path.resolve())
     return run_campaign_app(
         store, _run_home(store, superlink), min_sites=min_sites, timeout=timeout,
-        run_config={"task": "federated-build", "plan": plan.to_json()},
-        phases=plan.rounds + 4,
+        run_config=run_config, phases=_phases(plan), app=app,
     )  # fmt: skip
+
+
+def _phases(plan: FederatedPlan) -> int:
+    """The steps of a build, each of which may take the run's timeout: the gene, vote and
+    finish steps and each round's (SecAgg+: its four stages, after the cell counts)."""
+    if plan.secure_aggregation:
+        return 4 * plan.rounds + 5
+    return plan.rounds + 4
 
 
 def _run_config_string(key: str, value: str) -> str:

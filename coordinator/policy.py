@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from fedatlas.shared.errors import ConfigError
+from fedatlas.shared.model.privacy import DEFAULT_DELTA, rho_for
 from fedatlas.shared.wire.transport import CHUNK_BYTES, MAX_COMPOSITE_BYTES
 
 Approval = Literal["auto", "hold"]
@@ -39,6 +41,12 @@ class Policy:
             bundle that would make it larger is refused (``uncomposable``).
         new_labels: ``accept`` a label new to the catalogue (it reaches every site, marked with
             its single source), or ``hold`` its bundle for the operator's approval.
+        max_epsilon: each site's differential-privacy budget per release: the epsilon (at
+            ``dp_delta``) that all its bundles against the release may spend together (zCDP
+            composition, :mod:`~fedatlas.shared.model.privacy`); a bundle that would exceed
+            it, or one released without DP, is refused (``over_budget``). None: no budget.
+        dp_delta: the delta at which budgets are stated.
+        require_dp: refuse every bundle released without DP (``over_budget``), budget or not.
 
     The defaults leave room for honest sites. Measured on CellBench S1/S2 (each query plate
     mapped by each preset) and on the synthetic worlds of ``bench/attacks.py`` (600 and 2,000
@@ -58,6 +66,9 @@ class Policy:
     mean_radius_factor: float = 1.0
     max_composite_bytes: int = MAX_COMPOSITE_BYTES - CHUNK_BYTES
     new_labels: NewLabels = "accept"
+    max_epsilon: float | None = None
+    dp_delta: float = DEFAULT_DELTA
+    require_dp: bool = False
 
     def __post_init__(self) -> None:
         if self.approval not in ("auto", "hold") or self.new_labels not in ("accept", "hold"):
@@ -81,6 +92,17 @@ class Policy:
                 "mean_radius_factor > 0 and "
                 f"max_composite_bytes in 1..{MAX_COMPOSITE_BYTES - CHUNK_BYTES}"
             )
+        if self.max_epsilon is not None and not (
+            self.max_epsilon > 0 and math.isfinite(self.max_epsilon)
+        ):
+            raise ConfigError(f"max_epsilon must be a positive number, got {self.max_epsilon}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+
+    @property
+    def max_rho(self) -> float:
+        """Each site's zCDP budget per release (infinite without ``max_epsilon``)."""
+        return math.inf if self.max_epsilon is None else rho_for(self.max_epsilon, self.dp_delta)
 
     def to_json(self) -> str:
         """Stored form."""

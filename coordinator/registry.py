@@ -15,6 +15,7 @@ order-independent), content-hashed, signed and stored with the next generation n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedatlas.coordinator.policy import Policy
+from fedatlas.coordinator.privacy_ledger import Spend, site_spend
 from fedatlas.coordinator.store import (
     BundleRecord,
     CompositeRecord,
@@ -168,6 +170,7 @@ class Registry:
         self.store = SQLiteStore.open(self.layout.database)
         self._key = load_signing_key(self.layout.signing_key)
         self._lock = threading.RLock()
+        self._budget_lock = threading.Lock()
         self._adaptors: dict[str, Adaptor] = {}
         self._releases: dict[str, Release] = {}
         self._materialized: tuple[int, Release] | None = None
@@ -282,9 +285,17 @@ class Registry:
         existing = self.store.get_bundle(bundle_id)
         if existing is not None:
             return Outcome.of(existing, self.generation_of(bundle_id))
+        policy = self.policy
+        # Under a privacy budget, one bundle at a time is checked against the ledger and
+        # registered, so two concurrent bundles cannot both fit a budget only one fits.
+        budget = self._budget_lock if policy.max_epsilon is not None else contextlib.nullcontext()
+        with budget:
+            return self._register(bundle_id, raw, policy, actor=actor)
+
+    def _register(self, bundle_id: str, raw: bytes, policy: Policy, *, actor: str) -> Outcome:
+        """Verify and register a bundle not registered yet (see :meth:`submit`)."""
         # Checks and registration run concurrently across requests: the store's constraints
         # settle races (a condition or nonce taken meanwhile is reported as such below).
-        policy = self.policy
         try:
             verified = verify_bundle(raw, self.store, self.reference(), policy)
             self._check_composable(bundle_id, verified.adaptor, policy.max_composite_bytes)
@@ -398,6 +409,16 @@ class Registry:
         for record in self.store.list_bundles():
             counts[record.site_id] = counts.get(record.site_id, 0) + 1
         return counts
+
+    def privacy_ledger(self) -> dict[str, Spend]:
+        """Each site's differential-privacy spend on the current release
+        (:mod:`~fedatlas.coordinator.privacy_ledger`); sites that sent nothing are absent
+        (everyone, before a release is published)."""
+        if self.store.current_release() is None:
+            return {}
+        ids = self.reference().accepted_ids
+        sites = {r.site_id for r in self.store.list_bundles() if r.release_id in ids}
+        return {site: site_spend(self.store, site, ids) for site in sorted(sites)}
 
     def generation_of(self, bundle_id: str) -> int:
         """The first composite generation holding ``bundle_id`` (0: none)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, NoReturn
@@ -146,11 +146,16 @@ def _abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
 
 
 def start_server(
-    store: Path, address: str, *, require_client_cert: bool = False, max_workers: int = 8
+    store: Path,
+    address: str,
+    *,
+    require_client_cert: bool = False,
+    max_workers: int = 8,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int, Registry]:
     """Start serving ``store`` on ``address`` with TLS; returns the server, the bound port and
     the registry. ``require_client_cert`` turns on mutual TLS (clients need a certificate
-    issued by the store's CA)."""
+    issued by the store's CA); ``interceptors`` see every call first (e.g. to log them)."""
     registry = Registry(store)
     layout = registry.layout
     credentials = grpc.ssl_server_credentials(
@@ -161,7 +166,9 @@ def start_server(
         require_client_auth=require_client_cert,
     )
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=CHANNEL_OPTIONS,
+        interceptors=list(interceptors),
     )
     service = CoordinatorService(registry, clients_authenticated=require_client_cert)
     pb_grpc.add_CoordinatorServicer_to_server(service, server)

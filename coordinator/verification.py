@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 
 from fedatlas.coordinator.policy import Policy
+from fedatlas.coordinator.privacy_ledger import site_spend
 from fedatlas.coordinator.prototype_checks import PrototypeProblem, check_prototypes
 from fedatlas.coordinator.store import SiteRecord, Store
 from fedatlas.shared.hashing import dtype_name
 from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.privacy import count_slack, epsilon_for, record_problem
 from fedatlas.shared.model.prototypes import PrototypeSet
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
 from fedatlas.shared.model.surgery import split
@@ -63,6 +65,8 @@ REASONS: dict[str, str] = {
     "confusable_label": "a new label looks like another label of the catalogue",
     "prototype_outlier": "a prototype sits or spreads unlike its label in the catalogue",
     "uncomposable": "the composite with the bundle cannot be built or would exceed its limits",
+    "over_budget": "the bundle would take the site past its differential-privacy budget for "
+    "the release, or it was made without differential privacy where the policy requires it",
 }
 
 
@@ -160,6 +164,7 @@ def verify_bundle(raw: bytes, store: Store, reference: Reference, policy: Policy
         raise Rejection("bad_tensors", str(exc)) from None
     _check_conditions(adaptor, store, reference, policy)
     _check_tensors(adaptor, reference)
+    _check_privacy(adaptor, site, store, reference, policy)
     new_labels = _check_values(adaptor, reference, policy)
     return Verified(bundle, fields, adaptor, site, tuple(new_labels))
 
@@ -301,6 +306,37 @@ def _check_tensors(adaptor: Adaptor, reference: Reference) -> None:
         ) from None
 
 
+def _check_privacy(
+    adaptor: Adaptor, site: SiteRecord, store: Store, reference: Reference, policy: Policy
+) -> None:
+    """A DP bundle's privacy record adds up, and the site's spend on the release stays within
+    the policy's budget (:mod:`~fedatlas.coordinator.privacy_ledger`)."""
+    record = adaptor.content.get("privacy")
+    if record is not None:
+        problem = record_problem(record)
+        if problem:
+            raise Rejection("malformed", f"privacy record: {problem}")
+    elif policy.require_dp or policy.max_epsilon is not None:
+        raise Rejection(
+            "over_budget", "the bundle was made without differential privacy; this coordinator "
+            "requires it (prepare it with --epsilon E --delta D)",
+        )  # fmt: skip
+    if policy.max_epsilon is None or record is None:
+        return
+    spent = site_spend(store, site.site_id, reference.accepted_ids)
+    total = spent.rho + float(record["rho"])
+    if spent.other_bundles or total > policy.max_rho * (1 + 1e-9):
+        delta = policy.dp_delta
+        raise Rejection(
+            "over_budget", f"site {site.site_id} has spent epsilon "
+            f"{spent.epsilon(delta):.4g} on this release ({spent.private_bundles} DP bundle(s)"
+            f"{f', {spent.other_bundles} without DP' if spent.other_bundles else ''}); this "
+            f"bundle's epsilon {float(record['epsilon']):.4g} would make "
+            f"{epsilon_for(total, delta):.4g} (delta {delta:g}), over the budget of "
+            f"{policy.max_epsilon:g}",
+        )  # fmt: skip
+
+
 def _check_values(adaptor: Adaptor, reference: Reference, policy: Policy) -> list[str]:
     """Finite tensors, condition rows of plausible length, prototypes within the catalogue's
     bounds; returns the labels new to the catalogue."""
@@ -310,6 +346,10 @@ def _check_values(adaptor: Adaptor, reference: Reference, policy: Policy) -> lis
     for name, limit in reference.table_norms.items():
         _check_norms(name, adaptor.tensors[name], limit, policy.norm_factor)
     claimed = sum(int(c["n_cells"]) for c in adaptor.content["conditions"])
+    privacy = adaptor.content.get("privacy")
+    if privacy is not None:  # noisy counts on both sides: allow for the stated noise
+        n_labels = sum(len(adaptor.prototypes(i)) for i in range(len(reference.catalogue)))
+        claimed += count_slack(privacy, n_labels, len(adaptor.condition_names), claimed)
     new: list[str] = []
     for i, level in enumerate(reference.release.label_levels):
         means = torch.from_numpy(adaptor.prototypes(i).means)

@@ -139,8 +139,10 @@ class LocalLauncher:
 
     def site_node(self, site_id: str, *, superlink: str, ca: Path, key: Path, data: Path,
                   batch_key: str, label_key: str | None = None, coordinator_key: Path | None = None,
-                  out: Path | None = None) -> Service:  # fmt: skip
-        """``site node`` for ``site_id``; returns once its SuperNode has joined the SuperLink."""
+                  out: Path | None = None, gene_universe: Path | None = None,
+                  epochs: int | None = None, epsilon: float | None = None) -> Service:  # fmt: skip
+        """``site node`` for ``site_id``; returns once its SuperNode has joined the SuperLink.
+        ``epsilon``: its bundles' differential privacy (None: the command's default)."""
         args = ["site", "node", "--superlink", superlink, "--ca", str(ca), "--site-id", site_id,
                 "--key", str(key), "--data", str(data), "--batch-key", batch_key,
                 "--port", str(free_port())]  # fmt: skip
@@ -150,6 +152,12 @@ class LocalLauncher:
             args += ["--coordinator-key", str(coordinator_key)]
         if out is not None:
             args += ["--out", str(out)]
+        if gene_universe is not None:
+            args += ["--gene-universe", str(gene_universe)]
+        if epochs is not None:
+            args += ["--epochs", str(epochs)]
+        if epsilon is not None:
+            args += ["--epsilon", str(epsilon)]
         service = self.start(f"node-{site_id}", args)
         wait_for_text(service, re.escape("SuperNode ID"))
         return service

@@ -19,9 +19,11 @@ from fedatlas.shared.api import (
     extract_adaptor,
     map_cells,
 )
+from fedatlas.shared.model.privacy import PrivacySpec
 
 __all__ = [
     "Adaptor",
+    "PrivacySpec",
     "Release",
     "__version__",
     "build_reference",

@@ -35,6 +35,7 @@ from fedatlas.shared.model.mapping import (
     MappingOptions,
     map_onto,
 )
+from fedatlas.shared.model.privacy import PrivacySpec
 from fedatlas.shared.model.reference import train_reference
 from fedatlas.shared.model.release import Release
 
@@ -113,6 +114,7 @@ def map_cells(
     unknown_threshold: float | None = None,
     min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
     min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS,
+    privacy: PrivacySpec | None = None,
     copy: bool = True,
     progress: bool = False,
     source: str = "adata",
@@ -123,8 +125,8 @@ def map_cells(
     the release's network gets new condition parameters and only those are trained. Labels
     given with ``label_key`` (matched in order to the release's label levels) steer that
     training and give the site's prototypes. The other options are those of ``site map``
-    (:class:`~fedatlas.shared.model.mapping.MappingOptions`); ``source`` names the data in
-    error messages.
+    (:class:`~fedatlas.shared.model.mapping.MappingOptions`; ``privacy`` makes the adaptor
+    differentially private); ``source`` names the data in error messages.
 
     Returns:
         ``adata`` (a copy unless ``copy=False``) with ``obsm['X_fedatlas']`` (latent),
@@ -135,7 +137,7 @@ def map_cells(
     options = MappingOptions(
         site_id=site_id, epochs=epochs, seed=seed, min_gene_overlap=min_gene_overlap,
         transfer=transfer, unknown_threshold=unknown_threshold,
-        min_prototype_cells=min_prototype_cells,
+        min_prototype_cells=min_prototype_cells, privacy=privacy,
     )  # fmt: skip
     cells = _cells(adata, source, batch_key, label_key, layer, gene_key)
     result = map_onto(release, cells, options, source=source, progress=progress)
@@ -157,15 +159,18 @@ def extract_adaptor(
     seed: int = 0,
     min_gene_overlap: float = DEFAULT_MIN_GENE_OVERLAP,
     min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS,
+    privacy: PrivacySpec | None = None,
     progress: bool = False,
 ) -> Adaptor:
     """Train the adaptor of ``site_id``'s cells in ``adata`` on ``release`` (their new condition
     rows and the prototypes of their labelled types): what a site sends in its bundle.
-    Arguments as for :func:`map_cells`; :func:`compose` puts adaptors onto a release, in any
+    Arguments as for :func:`map_cells`; ``privacy`` (a
+    :class:`~fedatlas.shared.model.privacy.PrivacySpec`) makes it differentially private;
+    :func:`compose` puts adaptors onto a release, in any
     order to the same composite. ``.save(path)`` / ``Adaptor.load(path)`` write and read it."""
     options = MappingOptions(
         site_id=site_id, epochs=epochs, seed=seed, min_gene_overlap=min_gene_overlap,
-        min_prototype_cells=min_prototype_cells,
+        min_prototype_cells=min_prototype_cells, privacy=privacy,
     )  # fmt: skip
     cells = _cells(adata, "adata", batch_key, label_key, layer, gene_key)
     result = map_onto(release, cells, options, source="adata", progress=progress)

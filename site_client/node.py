@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fedatlas.shared.data.dataset import DataSource
 from fedatlas.shared.model.mapping import MappingOptions
+from fedatlas.shared.model.privacy import DEFAULT_DELTA, PrivacySpec
 from fedatlas.shared.model.release import Release
 from fedatlas.shared.runtime.virtual_sites import virtual_site
 from fedatlas.shared.wire.composite import SignedComposite
@@ -39,15 +40,16 @@ class NodeSettings:
     known_coordinators: Path
     coordinator_key: Path | None = None  # explicit coordinator.pub (else pinned)
     out: Path | None = None  # also write the mapped cells here
+    gene_universe: Path | None = None  # public gene names a federated build may learn of
 
     @property
     def site_id(self) -> str:
         """The site's enrolled id."""
         return self.options.site_id
 
-    def node_config(self) -> dict[str, str | int]:
+    def node_config(self) -> dict[str, str | int | float]:
         """The settings as SuperNode configuration entries (``--node-config``)."""
-        config: dict[str, str | int] = {
+        config: dict[str, str | int | float] = {
             "site-id": self.site_id,
             "data": str(self.source.path),
             "batch-key": self.source.batch_key,
@@ -57,12 +59,16 @@ class NodeSettings:
             "coordinator-key": str(self.coordinator_key or ""),
             "superlink": self.superlink,
             "known-coordinators": str(self.known_coordinators),
+            "gene-universe": str(self.gene_universe or ""),
             "seed": self.options.seed,
             "epochs": self.options.epochs or 0,
             "train-cells": self.options.train_cells,
         }
         if self.options.chunk_size is not None:
             config["chunk-size"] = self.options.chunk_size
+        if self.options.privacy is not None:
+            config["epsilon"] = self.options.privacy.epsilon
+            config["delta"] = self.options.privacy.delta
         return config
 
     @classmethod
@@ -80,6 +86,11 @@ class NodeSettings:
                 epochs=int(values.get("epochs", 0)) or None,
                 chunk_size=None if chunk is None else int(chunk),
                 train_cells=int(values.get("train-cells", MappingOptions.train_cells)),
+                privacy=PrivacySpec(
+                    float(values["epsilon"]), float(values.get("delta", DEFAULT_DELTA))
+                )
+                if "epsilon" in values
+                else None,
             ),
             key=Path(str(values["key"])),
             superlink=str(values["superlink"]),
@@ -88,6 +99,9 @@ class NodeSettings:
             if values.get("coordinator-key")
             else None,
             out=Path(str(values["out"])) if values.get("out") else None,
+            gene_universe=Path(str(values["gene-universe"]))
+            if values.get("gene-universe")
+            else None,
         )
 
     @classmethod

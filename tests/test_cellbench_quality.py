@@ -22,7 +22,9 @@ from fedatlas.benchmarks.cellbench import load_scenario
 from fedatlas.benchmarks.scoring import MappedQuery, evaluate
 from fedatlas.shared.data.dataset import extract_cells
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
+from fedatlas.shared.model.privacy import PrivacySpec
 from fedatlas.shared.model.reference import train_reference
+from fedatlas.shared.model.release import Release
 
 pytestmark = [pytest.mark.cellbench, pytest.mark.slow]
 
@@ -94,6 +96,7 @@ S2_BARS: dict[str, dict[str, float]] = {
 }
 
 _SCORES: dict[tuple[str, str], dict[str, Any]] = {}
+_RELEASES: dict[tuple[str, str], Release] = {}
 
 
 def scores_for(cellbench_dir: Path, scenario: str, preset: str) -> dict[str, Any]:
@@ -107,6 +110,7 @@ def scores_for(cellbench_dir: Path, scenario: str, preset: str) -> dict[str, Any
         release = train_reference(
             cells, preset=preset, epochs=TEST_EPOCHS[preset], seed=0, progress=False
         ).release
+        _RELEASES[key] = release
         mapped = []
         for stem, query in data.queries.items():
             started = time.perf_counter()
@@ -150,3 +154,33 @@ def test_s2_unseen_lines_are_flagged(preset: str, cellbench_dir: Path) -> None:
     assert s["accuracy"] >= bars["accuracy"]
     assert s["seen_called_unknown"] <= bars["seen_called_unknown_max"]
     assert s["integration"]["overall"] >= bars["overall"]
+
+
+def test_s1_differential_privacy_costs_the_site_nothing_and_withholds_small_lines(
+    cellbench_dir: Path,
+) -> None:
+    """Plate 2 (163 cells, 31-35 per line) mapped onto the S1 scpoli reference with DP.
+
+    Measured (bench/privacy.py, seeds 0-2): the DP-SGD rows move scPoli's latent by about 1e-3,
+    so the plate's own labels are the exact mapping's at every epsilon (accuracy 0.951 at 0.5 and
+    at infinity). A line is sent only when its noisy count reaches 4 sqrt(10) sigma cells (about
+    310 at epsilon 0.5): none of the plate's lines at 0.5, all five without DP. The noise is not
+    seeded, so the bars hold for any draw: the rows' effect is three orders below the margin
+    and a 35-cell line would need noise of 11 sigma to be sent."""
+    scores_for(cellbench_dir, "S1", "scpoli")
+    release = _RELEASES[("S1", "scpoli")]
+    plate = load_scenario(cellbench_dir, "S1").queries["sc_celseq2_5cl_p2"]
+    truth = plate.obs["cell_line"].astype(str).to_numpy()
+    outcomes = {}
+    for epsilon in (None, 0.5):
+        privacy = None if epsilon is None else PrivacySpec(epsilon)
+        options = MappingOptions(site_id="p2", seed=0, privacy=privacy)
+        labelled = extract_cells(plate, source="p2", batch_key="batch", label_keys=["cell_line"])
+        unlabelled = extract_cells(plate, source="p2", batch_key="batch")
+        sent = map_onto(release, labelled, options, progress=False).adaptor
+        own = map_onto(release, unlabelled, options, progress=False).transfers["cell_line"]
+        assert sent is not None
+        outcomes[epsilon] = (float((own.called == truth).mean()), len(sent.prototypes(0)))
+    exact, private = outcomes[None], outcomes[0.5]
+    assert abs(private[0] - exact[0]) <= 0.01, outcomes
+    assert (exact[1], private[1]) == (5, 0), outcomes

@@ -70,7 +70,7 @@ def prepare(tmp_path: Path, files: dict[str, Path], site: str, data: str, labels
     args = ["-q", "site", "prepare", "--reference", str(files["release"]), "--site-id", site,
             "--key", str(tmp_path / site / "site.key"), "--data", str(files[data]),
             "--batch-key", "batch", "--out", str(tmp_path / f"{data}.out.h5ad"),
-            "--bundle-out", str(out), "--epochs", "3"]  # fmt: skip
+            "--bundle-out", str(out), "--epochs", "3", "--epsilon", "inf"]  # fmt: skip
     if labels:
         args += ["--label-key", "cell_type"]
     assert main(args) == 0
@@ -85,7 +85,7 @@ def test_submit_pull_and_map_with_the_composite(
             "site", "submit", *site_args(store, coordinator.address, tmp_path),
             "--site-id", "h1", "--key", str(tmp_path / "h1" / "site.key"),
             "--data", str(files["h1"]), "--batch-key", "batch", "--label-key", "cell_type",
-            "--out", str(tmp_path / "h1.out.h5ad"), "--epochs", "3",
+            "--out", str(tmp_path / "h1.out.h5ad"), "--epochs", "3", "--epsilon", "inf",
         )  # fmt: skip
         assert submitted["state"] == "accepted"
         assert submitted["composite_generation"] == 2

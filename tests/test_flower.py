@@ -65,7 +65,7 @@ def federation(tmp_path: Path, cellbench_dir: Path) -> Iterator[dict[str, object
                 ["site", "node", "--superlink", address, "--ca", str(store / "ca.pem"),
                  "--site-id", site, "--key", str(tmp_path / site / "site.key"),
                  "--data", str(tmp_path / f"{site}.h5ad"), "--batch-key", "batch",
-                 "--label-key", "cell_line", "--port", str(free_port()),
+                 "--label-key", "cell_line", "--port", str(free_port()), "--epsilon", "inf",
                  "--known-coordinators", str(tmp_path / site / "known.json")],
                 tmp_path / f"{site}-node.log",
             )  # fmt: skip

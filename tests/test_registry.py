@@ -3,8 +3,11 @@ idempotent resubmission and composites. Real store files, real keys, real signat
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from conftest import cells_of
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedatlas.benchmarks.synthetic import SyntheticWorld
+from fedatlas.cli import main
 from fedatlas.coordinator.policy import Policy
 from fedatlas.coordinator.registry import Registry, RegistryError, init_store
 from fedatlas.coordinator.store import BundleRecord
@@ -22,6 +26,7 @@ from fedatlas.coordinator.verification import REASONS
 from fedatlas.shared.hashing import content_hash, tensor_index
 from fedatlas.shared.model.adaptor import Adaptor
 from fedatlas.shared.model.mapping import MappingOptions, map_onto
+from fedatlas.shared.model.privacy import PrivacySpec, epsilon_for
 from fedatlas.shared.model.reference import BuildResult, train_reference
 from fedatlas.shared.model.release import MODEL_PREFIX, Release
 from fedatlas.shared.wire.bundle import make_bundle, parse_bundle
@@ -29,6 +34,7 @@ from fedatlas.shared.wire.signing import load_signing_key, write_keypair
 from fedatlas.v1 import coordinator_pb2 as pb
 
 EMBEDDING = MODEL_PREFIX + "embedding.table"
+DP_EPSILON = 8.0  # two such bundles compose to epsilon 11.9 (zCDP, delta 1e-5)
 
 
 @dataclass
@@ -59,7 +65,8 @@ def site_cells(world: SyntheticWorld) -> dict[str, AnnData]:
 
 @pytest.fixture(scope="module")
 def adaptors(release: Release, site_cells: dict[str, AnnData]) -> dict[str, Adaptor]:
-    """Adaptors trained against the release (h1/b1, h1/b2, h2/b1)."""
+    """Adaptors trained against the release (h1/b1, h1/b2, h2/b1), and h1's two made with
+    differential privacy at epsilon 8 from unlabelled cells ("dp-h1", "dp-h1-second")."""
     out = {}
     for name, adata in site_cells.items():
         site = name.split("-")[0]
@@ -67,6 +74,11 @@ def adaptors(release: Release, site_cells: dict[str, AnnData]) -> dict[str, Adap
         result = map_onto(release, cells_of(adata), options, progress=False)
         assert result.adaptor is not None
         out[name] = result.adaptor
+        if site == "h1":
+            options = replace(options, privacy=PrivacySpec(DP_EPSILON))
+            private = map_onto(release, cells_of(adata, None), options, progress=False)
+            assert private.adaptor is not None
+            out[f"dp-{name}"] = private.adaptor
     return out
 
 
@@ -395,6 +407,31 @@ def _composite_too_large(reg: Registry, sites: dict[str, Site], ad: dict[str, Ad
     return make_bundle(ad["h1"], sites["h1"].key).raw
 
 
+@rejection("over_budget")
+def _made_without_dp_where_required(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    reg.set_policy(replace(reg.policy, require_dp=True), actor="test")
+    return make_bundle(ad["h1"], sites["h1"].key).raw
+
+
+@rejection("over_budget")
+def _past_the_sites_budget(reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]) -> bytes:
+    reg.set_policy(replace(reg.policy, max_epsilon=10.0), actor="test")
+    first = reg.submit(make_bundle(ad["dp-h1"], sites["h1"].key).raw, actor="test")
+    assert first.state == "accepted", first.reason
+    return make_bundle(ad["dp-h1-second"], sites["h1"].key).raw
+
+
+@rejection("malformed")
+def _privacy_record_understated(
+    reg: Registry, sites: dict[str, Site], ad: dict[str, Adaptor]
+) -> bytes:
+    content = json.loads(json.dumps(ad["dp-h1"].content))
+    content["privacy"]["epsilon"] = 0.1  # the noise it states spends far more
+    return resigned(ad["dp-h1"], sites["h1"].key, content=content)
+
+
 def _with_prototypes(
     adaptor: Adaptor,
     key: Ed25519PrivateKey,
@@ -505,3 +542,50 @@ def test_a_condition_taken_by_another_process_meanwhile_is_a_rejection(
     assert "h1/b1" in outcome.reason
     assert [b.bundle_id for b in registry.store.list_bundles()] == [rival.bundle_id]
     assert registry.store.verify_audit() == []
+
+
+def test_the_ledger_sums_each_sites_spend_and_the_composite_states_it(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor], tmp_path: Path
+) -> None:
+    registry.set_policy(replace(registry.policy, max_epsilon=12.0), actor="test")
+    for name in ("dp-h1", "dp-h1-second"):
+        outcome = registry.submit(make_bundle(adaptors[name], sites["h1"].key).raw, actor="t")
+        assert outcome.state == "accepted", outcome.reason
+    plain = registry.submit(make_bundle(adaptors["h2"], sites["h2"].key).raw, actor="t")
+    assert plain.reason_code == "over_budget"  # a budget is set: h2's exact bundle is refused
+    rho = sum(float(adaptors[n].content["privacy"]["rho"]) for n in ("dp-h1", "dp-h1-second"))
+    expected = epsilon_for(rho, 1e-5)
+    assert 8.0 < expected < 12.0  # zCDP composes two epsilon-8 bundles to about 11.9
+    spend = registry.privacy_ledger()["h1"]
+    assert (spend.private_bundles, spend.other_bundles) == (2, 0)
+    assert spend.epsilon(1e-5) == pytest.approx(expected)
+    _, composite, _ = registry.current_composite()
+    stated = composite.content["privacy"]["h1"]
+    assert stated["private"]
+    assert stated["epsilon"] == pytest.approx(expected)
+    assert stated["adaptors"] == 2
+    registry.close()
+    out = tmp_path / "sites.json"
+    with out.open("w") as handle, contextlib.redirect_stdout(handle):
+        assert main(["admin", "site", "list", "--store", str(tmp_path / "store"), "--json"]) == 0
+    listed = {s["site_id"]: s["privacy"] for s in json.loads(out.read_text())["sites"]}
+    assert listed["h1"]["epsilon"] == pytest.approx(expected)
+    assert listed["h1"]["budget"] == 12.0
+    assert listed["h2"]["epsilon"] == 0.0
+
+
+def test_two_bundles_at_once_cannot_both_fit_a_budget_only_one_fits(
+    registry: Registry, sites: dict[str, Site], adaptors: dict[str, Adaptor]
+) -> None:
+    registry.set_policy(replace(registry.policy, max_epsilon=10.0), actor="test")
+    raws = [make_bundle(adaptors[n], sites["h1"].key).raw for n in ("dp-h1", "dp-h1-second")]
+    start = threading.Barrier(2)
+
+    def send(raw: bytes) -> str:
+        start.wait()
+        return registry.submit(raw, actor="test").reason_code or "accepted"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(send, raws))
+    assert outcomes == ["accepted", "over_budget"]
+    assert registry.privacy_ledger()["h1"].private_bundles == 1

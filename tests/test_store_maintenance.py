@@ -42,7 +42,7 @@ def made(tmp_path_factory: pytest.TempPathFactory, world: SyntheticWorld) -> dic
                      "--site-id", site, "--key", str(root / site / "site.key"),
                      "--data", str(data), "--batch-key", "batch", "--label-key", "cell_type",
                      "--out", str(root / f"{site}.out.h5ad"), "--bundle-out", str(paths[site]),
-                     "--epochs", "2"]) == 0  # fmt: skip
+                     "--epochs", "2", "--epsilon", "inf"]) == 0  # fmt: skip
     return paths
 
 

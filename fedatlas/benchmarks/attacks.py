@@ -139,6 +139,8 @@ def site_adaptor(fed: Federation, run: Command, site: str) -> Adaptor:
         str(fed.root / site / "mapped.h5ad"),
         "--adaptor-out",
         str(out),
+        "--epsilon",
+        "inf",  # honest sites' exact prototypes: the attacks' hardest case
     )
     return Adaptor.load(out)
 

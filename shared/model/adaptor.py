@@ -28,6 +28,7 @@ from fedatlas.shared.hashing import canonical_json, tensor_digest, tensor_index
 from fedatlas.shared.model import surgery
 from fedatlas.shared.model.artifact import HASH_TEXT, TENSOR_INDEX, Artifact
 from fedatlas.shared.model.nn.vae import CondVAE
+from fedatlas.shared.model.privacy import PRIVACY_RECORD, epsilon_for
 from fedatlas.shared.model.prototypes import PROTOTYPE_META, PrototypeSet, capped_merge
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
 from fedatlas.shared.validation import (
@@ -59,7 +60,8 @@ ADAPTOR_CONTENT = Record(
         "prototypes": MapOf(PROTOTYPE_META, 32),
         "training": MapOf(Json(), 64),
         "tensors": TENSOR_INDEX,
-    }
+    },
+    {"privacy": PRIVACY_RECORD},
 )
 
 
@@ -199,11 +201,14 @@ def extract_adaptor(
     prototypes: Sequence[PrototypeSet],
     training: dict[str, Any],
     created_at: str,
+    privacy: dict[str, Any] | None = None,
 ) -> Adaptor:
     """Cut a site's adaptor out of a mapped ``model``.
 
     ``conditions`` lists (name, n_cells) of the site's new conditions, in the model's row order
-    after the release's known conditions; ``prototypes`` has one set per release label level.
+    after the release's known conditions; ``prototypes`` has one set per release label level;
+    ``privacy`` is the record of a differentially private release
+    (:class:`~fedatlas.shared.model.private_release.PrivateRelease`).
     """
     tensors: dict[str, Tensor] = {}
     for name, rows in surgery.new_rows(model, len(release.condition_names)).items():
@@ -226,6 +231,8 @@ def extract_adaptor(
         "training": training,
         "tensors": tensor_index(tensors),
     }
+    if privacy is not None:
+        content["privacy"] = privacy
     return Adaptor(content, tensors, {"created_at": created_at})
 
 
@@ -290,9 +297,34 @@ def compose(release: Release, adaptors: Sequence[Adaptor]) -> Release:
         tensors.update(merged.to_tensors(prototype_prefix(i)))
         content["prototypes"][level] = merged.describe()
         content["contributions"][level] = shares
+    spend = privacy_spend(adaptors)
+    if spend:
+        content["privacy"] = spend
     content["lineage"] = {
         "base": release.content_hash,
         "adaptors": sorted(a.content_hash for a in adaptors),
     }
     del content["tensors"]
     return Release.assemble(content, tensors, {"composed_from": release.content_hash})
+
+
+def privacy_spend(adaptors: Sequence[Adaptor]) -> dict[str, dict[str, Any]]:
+    """Per contributing site, what its adaptors spent (a composite states it when any adaptor
+    was made with differential privacy): zCDP rho summed, epsilon at the largest delta its
+    adaptors used, or ``private: false`` with no epsilon for a site with any adaptor made
+    without DP. Empty when no adaptor was private."""
+    if not any("privacy" in a.content for a in adaptors):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for site in sorted({a.site_id for a in adaptors}):
+        records = [a.content.get("privacy") for a in adaptors if a.site_id == site]
+        if any(r is None for r in records):
+            out[site] = {"private": False, "adaptors": len(records)}
+            continue
+        rho = sum(float(r["rho"]) for r in records if r is not None)
+        delta = max(float(r["delta"]) for r in records if r is not None)
+        out[site] = {
+            "private": True, "adaptors": len(records), "rho": rho, "delta": delta,
+            "epsilon": epsilon_for(rho, delta),
+        }  # fmt: skip
+    return out

@@ -26,8 +26,11 @@ from fedatlas.shared.data.dataset import UNLABELED, CellTable, condition_name, l
 from fedatlas.shared.data.genes import DEFAULT_MIN_GENE_OVERLAP, GeneAlignment, align_genes
 from fedatlas.shared.errors import ConfigError
 from fedatlas.shared.model.adaptor import Adaptor, extract_adaptor
+from fedatlas.shared.model.dp_sgd import private_recipe
 from fedatlas.shared.model.label_transfer import Transfer, knn_transfer, prototype_transfer
 from fedatlas.shared.model.nn.vae import CondVAE
+from fedatlas.shared.model.privacy import PrivacySpec
+from fedatlas.shared.model.private_release import PrivateRelease
 from fedatlas.shared.model.prototypes import PrototypeSet, merge_prototype_sets
 from fedatlas.shared.model.release import CLUSTER_LEVEL, Release
 from fedatlas.shared.model.surgery import assert_frozen, operate
@@ -67,6 +70,8 @@ class MappingOptions:
             10,000 cells only for a file too large to load).
         train_cells: when a file is read in chunks, train the new condition rows on at most
             this many of their cells (a random sample shared equally among the new batches).
+        privacy: release the adaptor under this (epsilon, delta)-differential privacy
+            (:mod:`~fedatlas.shared.model.privacy`); None releases exact aggregates.
     """
 
     site_id: str = DEFAULT_SITE
@@ -78,6 +83,7 @@ class MappingOptions:
     min_prototype_cells: int = DEFAULT_MIN_PROTOTYPE_CELLS
     chunk_size: int | None = None
     train_cells: int = DEFAULT_TRAIN_CELLS
+    privacy: PrivacySpec | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -191,7 +197,7 @@ def map_onto(
         # The encoder never sees the condition: the latent is final before any training, and
         # the new branches' statistics are estimated from it in one pass.
         latent = latent_means(model, data, recipe)
-        estimate_dsbn_statistics(model, data, recipe, latent)
+        estimate_dsbn_statistics(model, data, recipe, latent, plan.statistics_noise())
     fit_result = train_adaptor(plan, _fresh_cells(data, plan.n_known), progress=progress)
     timings["train"] = time.perf_counter() - t1
 
@@ -222,6 +228,7 @@ class MappingPlan:
     thresholds: dict[str, float]  # unknown threshold per label level
     seed: int
     min_prototype_cells: int
+    privacy: PrivateRelease | None = None  # the DP budget, when the adaptor is released so
 
     @property
     def n_known(self) -> int:
@@ -232,6 +239,10 @@ class MappingPlan:
     def new(self) -> list[ConditionAssignment]:
         """The site's batches that become new conditions."""
         return [a for a in self.assignments if not a.known]
+
+    def statistics_noise(self) -> tuple[float, np.random.Generator] | None:
+        """The DSBN statistics' noise under DP (None: exact statistics)."""
+        return None if self.privacy is None else self.privacy.statistics_noise()
 
     def targets(self, rows: NDArray[np.int64] | None = None) -> list[NDArray[np.int64]]:
         """Per label key, the prototype index each cell of ``rows`` (default all) is pulled
@@ -278,6 +289,10 @@ def plan_mapping(
             source, alignment.n_missing, alignment.n_release_genes,
         )  # fmt: skip
     assignments, conditions = _assign_conditions(release, batches, site_id)
+    if options.privacy is not None and initial_rows is not None:
+        # rows trained without DP on the same cells would carry them into the private adaptor
+        log.warning("differential privacy: the kept condition rows are not used; fresh rows")
+        initial_rows = None
     model = operate(release, sum(not a.known for a in assignments), initial_rows)
     catalogue = [release.prototypes(lv) for lv in levels]
     site_labels = list(labels.values())
@@ -295,6 +310,16 @@ def plan_mapping(
     )
     if train_overrides:
         train = TrainConfig.from_dict({**train.to_dict(), **train_overrides})
+    new = [a for a in assignments if not a.known]
+    privacy = None
+    if options.privacy is not None and new:
+        train = private_recipe(train)
+        privacy = PrivateRelease(
+            options.privacy, [a.n_cells for a in new], label_levels=len(site_labels),
+            statistics=model.dsbn is not None,
+            training_epochs=train.epochs if model.trainable_parameters() else 0,
+            batch_size=train.batch_size,
+        )  # fmt: skip
     return MappingPlan(
         release=release,
         site_id=site_id,
@@ -310,6 +335,7 @@ def plan_mapping(
         thresholds=thresholds,
         seed=seed,
         min_prototype_cells=options.min_prototype_cells,
+        privacy=privacy,
     )
 
 
@@ -333,9 +359,10 @@ def train_adaptor(
             f"training adaptor ({len(new)} new condition{'s' if len(new) > 1 else ''})",
             train.epochs, "epoch", enabled=progress,
         )  # fmt: skip
+        private = plan.privacy.dp_sgd(train) if plan.privacy is not None else None
         fit_result = fit(
             model, data, train, plan.release.recipe, mode="mapping",
-            prototypes=prototypes, seed=plan.seed, progress=reporter,
+            prototypes=prototypes, seed=plan.seed, progress=reporter, private=private,
         )  # fmt: skip
         reporter.finish("stopped early" if fit_result.stopped_early else "")
     assert_frozen(plan.release, model)
@@ -363,15 +390,26 @@ def finish_mapping(
             release.label_levels, plan.site_labels, latent, fresh_rows, plan.site_id,
             plan.min_prototype_cells,
         )  # fmt: skip
+        released, counts = site_sets, [a.n_cells for a in new]
         summary = _training_summary(fit_result, plan.train, int(fresh_rows.sum()), sampled_cells)
+        if plan.privacy is not None:
+            released, withheld = plan.privacy.prototypes(
+                latent[fresh_rows], [labels[fresh_rows] for labels in plan.site_labels],
+                plan.catalogue, plan.site_id, plan.min_prototype_cells,
+            )  # fmt: skip
+            released += [PrototypeSet.empty(latent.shape[1])] * (len(site_sets) - len(released))
+            dropped = {release.label_levels[i]: w for i, w in withheld.items()}
+            counts = plan.privacy.counts
+            summary = _private_summary(fit_result, plan.train, plan.privacy.noisy_cells)
         adaptor = extract_adaptor(
             release,
             plan.model,
             site_id=plan.site_id,
-            conditions=[(a.condition, a.n_cells) for a in new],
-            prototypes=site_sets,
+            conditions=[(a.condition, n) for a, n in zip(new, counts, strict=True)],
+            prototypes=released,
             training=summary,
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            privacy=None if plan.privacy is None else plan.privacy.record(),
         )
 
     t3 = time.perf_counter()
@@ -514,6 +552,19 @@ def _assign_conditions(
             a.n_cells,
         )
     return assignments, index[inverse.ravel()]
+
+
+def _private_summary(
+    fit_result: FitResult | None, train: TrainConfig, noisy_cells: int
+) -> dict[str, Any]:
+    """What a DP adaptor says about its training: only what the recipe fixed and the released
+    cell count (losses and stopping points read the data)."""
+    trained = fit_result.trained_parameters if fit_result is not None else 0
+    epochs = fit_result.epochs if fit_result is not None else 0
+    return {
+        "n_cells": noisy_cells, "epochs": epochs, "trained_parameters": trained,
+        "recipe": train.to_dict(), "private": True,
+    }  # fmt: skip
 
 
 def _training_summary(

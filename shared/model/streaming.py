@@ -116,7 +116,9 @@ def map_h5ad(
         t2 = time.perf_counter()
         if sample is not None and plan.model.dsbn is not None and plan.new:
             sample_latent = latent_means(plan.model, sample, release.recipe)
-            estimate_dsbn_statistics(plan.model, sample, release.recipe, sample_latent)
+            estimate_dsbn_statistics(
+                plan.model, sample, release.recipe, sample_latent, plan.statistics_noise()
+            )
         fit_result = train_adaptor(plan, sample, progress=progress)
         timings["train"] = time.perf_counter() - t2
 

@@ -30,10 +30,12 @@ from fedatlas.shared.data.preprocessing import (
     maxabs_scales,
     model_input,
 )
+from fedatlas.shared.model.dp_sgd import DPSGD, per_cell_rows, secure_generators
 from fedatlas.shared.model.nn.layers import SparseRows
 from fedatlas.shared.model.nn.likelihoods import NonZero
 from fedatlas.shared.model.nn.mmd import mmd_across_conditions
-from fedatlas.shared.model.nn.vae import CondVAE
+from fedatlas.shared.model.nn.vae import CondVAE, DecoderOutput
+from fedatlas.shared.model.privacy import clip_rows, noisy_mean, noisy_variance
 from fedatlas.shared.progress import Progress
 
 Mode = Literal["reference", "mapping"]
@@ -256,10 +258,17 @@ def latent_means(
 
 @torch.no_grad()
 def estimate_dsbn_statistics(
-    model: CondVAE, data: TrainingData, recipe: PreprocessingRecipe, means: NDArray[np.float32]
+    model: CondVAE,
+    data: TrainingData,
+    recipe: PreprocessingRecipe,
+    means: NDArray[np.float32],
+    private: tuple[float, np.random.Generator] | None = None,
 ) -> None:
-    """Set the DSBN statistics of every fresh condition to the exact mean and variance of its
-    cells' pre-normalisation decoder output (latent means as input). Frozen rows are untouched."""
+    """Set the DSBN statistics of every fresh condition to the mean and variance of its cells'
+    pre-normalisation decoder output (latent means as input): exact, or with ``private``
+    (noise sigma, generator) Gaussian releases of squared sensitivity
+    :data:`~fedatlas.shared.model.privacy.STATISTICS_SENSITIVITY_SQ` (two passes over the cells)
+    whose clipping bounds come from the release's own statistics. Frozen rows are untouched."""
     if model.dsbn is None:
         return
     stats_mean, stats_var = model.dsbn.running_mean, model.dsbn.running_var
@@ -267,27 +276,66 @@ def estimate_dsbn_statistics(
     if n_fresh == 0:
         return
     width = stats_mean.row_shape[0]
-    sums = torch.zeros(n_fresh, width, dtype=torch.float64)
-    squares = torch.zeros(n_fresh, width, dtype=torch.float64)
-    counts = torch.zeros(n_fresh, dtype=torch.float64)
-    for start in range(0, data.n_cells, CHUNK_CELLS):
-        rows = np.arange(start, min(start + CHUNK_CELLS, data.n_cells))
-        condition = torch.from_numpy(data.conditions[rows])
-        fresh = condition >= n_frozen
-        if not fresh.any():
-            continue
-        z = torch.from_numpy(means[rows])[fresh]
-        _, _, logits = model.decode_before_dsbn(z, condition[fresh])
-        index = condition[fresh] - n_frozen
-        logits64 = logits.double()
-        sums.index_add_(0, index, logits64)
-        squares.index_add_(0, index, logits64**2)
-        counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
-    seen = counts > 0
-    mean = torch.where(seen[:, None], sums / counts.clamp(min=1)[:, None], 0.0)
-    var = torch.where(seen[:, None], squares / counts.clamp(min=1)[:, None] - mean**2, 1.0)
+
+    def accumulate(term: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """Per fresh condition: the cell count and the sum of ``term(logits, index)``."""
+        sums = torch.zeros(n_fresh, width, dtype=torch.float64)
+        counts = torch.zeros(n_fresh, dtype=torch.float64)
+        for start in range(0, data.n_cells, CHUNK_CELLS):
+            rows = np.arange(start, min(start + CHUNK_CELLS, data.n_cells))
+            condition = torch.from_numpy(data.conditions[rows])
+            fresh = condition >= n_frozen
+            if not fresh.any():
+                continue
+            z = torch.from_numpy(means[rows])[fresh]
+            _, _, logits = model.decode_before_dsbn(z, condition[fresh])
+            index = condition[fresh] - n_frozen
+            sums.index_add_(0, index, term(logits.double(), index))
+            counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        return counts, sums
+
+    if private is None:
+        counts, sums = accumulate(lambda x, _: x)
+        _, squares = accumulate(lambda x, _: x**2)
+        seen = counts > 0
+        mean = torch.where(seen[:, None], sums / counts.clamp(min=1)[:, None], 0.0)
+        var = torch.where(seen[:, None], squares / counts.clamp(min=1)[:, None] - mean**2, 1.0)
+    else:
+        sigma, rng = private
+        centre, radius, deviation = _statistics_bounds(stats_mean.frozen, stats_var.frozen)
+        centre_t = torch.from_numpy(centre)
+        counts, clipped = accumulate(
+            lambda x, _: torch.from_numpy(clip_rows((x - centre_t).numpy(), radius))
+        )
+        released = [
+            noisy_mean(int(n), s.numpy(), centre, radius, sigma, rng)
+            for n, s in zip(counts.tolist(), clipped, strict=True)
+        ]
+        mean = torch.from_numpy(np.stack([m for _, m in released]))
+        _, squares = accumulate(
+            lambda x, index: torch.from_numpy(clip_rows((x - mean[index]).numpy(), deviation)) ** 2
+        )
+        var = torch.from_numpy(
+            np.stack(
+                [
+                    noisy_variance(sq.numpy(), count, deviation, sigma, rng)
+                    for sq, (count, _) in zip(squares, released, strict=True)
+                ]
+            )
+        )
     stats_mean.set_fresh(mean.float())
     stats_var.set_fresh(var.clamp(min=0).float())
+
+
+def _statistics_bounds(
+    frozen_mean: Tensor, frozen_var: Tensor
+) -> tuple[NDArray[np.float64], float, float]:
+    """Clipping centre, radius and deviation for DSBN inputs, from the release's statistics:
+    its conditions' means with three standard deviations to spare."""
+    means, spread = frozen_mean.double().numpy(), frozen_var.double().sum(dim=1).sqrt().numpy()
+    centre = means.mean(axis=0)
+    offsets = np.linalg.norm(means - centre, axis=1)
+    return centre, float((offsets + 3.0 * spread).max()), float(3.0 * spread.max())
 
 
 class PrototypeTargets:
@@ -352,16 +400,19 @@ class LossParts:
     parts: dict[str, float]
 
 
-def compute_loss(
-    model: CondVAE,
-    batch: Batch,
-    train: TrainConfig,
-    *,
-    kl_weight: float,
-    prototypes: PrototypeTargets | None,
-    sample: bool,
-) -> LossParts:
-    """ELBO (+ MMD across conditions, + prototype loss when ``prototypes`` is given)."""
+@dataclass
+class CellTerms:
+    """One minibatch's forward pass: the latent sample, the decoder output and, per cell, the
+    reconstruction NLL and the KL divergence."""
+
+    z: Tensor
+    out: DecoderOutput
+    recon: Tensor
+    kl: Tensor
+
+
+def cell_terms(model: CondVAE, batch: Batch, *, sample: bool) -> CellTerms:
+    """Encode, sample (when ``sample``) and decode ``batch``; the ELBO's terms per cell."""
     if batch.encoded is not None:
         mean, log_var = batch.encoded
     elif batch.projected is not None:
@@ -374,12 +425,27 @@ def compute_loss(
     recon = model.reconstruction_nll(
         out, batch.counts, batch.nonzero, batch.library, batch.condition, transformed,
         batch.fixed_likelihood_terms,
-    ).mean()  # fmt: skip
-    kl = (-0.5 * (1 + log_var - mean**2 - log_var.exp()).sum(dim=-1)).mean()
+    )  # fmt: skip
+    kl = -0.5 * (1 + log_var - mean**2 - log_var.exp()).sum(dim=-1)
+    return CellTerms(z, out, recon, kl)
+
+
+def compute_loss(
+    model: CondVAE,
+    batch: Batch,
+    train: TrainConfig,
+    *,
+    kl_weight: float,
+    prototypes: PrototypeTargets | None,
+    sample: bool,
+) -> LossParts:
+    """ELBO (+ MMD across conditions, + prototype loss when ``prototypes`` is given)."""
+    terms = cell_terms(model, batch, sample=sample)
+    z, recon, kl = terms.z, terms.recon.mean(), terms.kl.mean()
     total = recon + kl_weight * kl
     monitored = recon + train.kl_weight * kl
     parts = {"recon": recon.item(), "kl": kl.item()}
-    compared = z if train.mmd_on == "latent" else out.first_hidden
+    compared = z if train.mmd_on == "latent" else terms.out.first_hidden
     if train.mmd_weight > 0 and compared is not None:
         mmd = mmd_across_conditions(compared, batch.condition)
         total = total + train.mmd_weight * mmd
@@ -391,6 +457,27 @@ def compute_loss(
         monitored = monitored + train.prototype_weight * proto
         parts["prototype"] = proto.item()
     return LossParts(total=total, monitored=monitored.item(), parts=parts)
+
+
+def per_cell_loss(
+    model: CondVAE,
+    batch: Batch,
+    train: TrainConfig,
+    *,
+    kl_weight: float,
+    prototypes: PrototypeTargets | None,
+) -> Tensor:
+    """Each cell's own loss (DP-SGD): its ELBO terms and its squared distance to the fixed
+    prototype of its label; no term couples two cells."""
+    terms = cell_terms(model, batch, sample=True)
+    loss = terms.recon + kl_weight * terms.kl
+    if prototypes is not None:
+        for i, target in enumerate(batch.targets):
+            fixed = (target >= 0) & (target < prototypes.n_fixed[i])
+            centre = prototypes.level(i)[target.clamp(min=0)]
+            sq = ((terms.z - centre) ** 2).sum(dim=-1)
+            loss = loss + train.prototype_weight * torch.where(fixed, sq, torch.zeros_like(sq))
+    return loss
 
 
 @dataclass
@@ -417,16 +504,21 @@ def fit(
     seed: int = 0,
     progress: Progress | None = None,
     penalty: Penalty | None = None,
+    private: DPSGD | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` with recipe ``train``.
 
     The best state (lowest monitored loss: validation when a validation share is set, else
     training) is restored at the end, as scArches does. Early stopping waits until the KL warm-up
     is over. ``penalty`` (e.g. FedProx's proximal term) is added to every minibatch's loss.
-    Returns a :class:`FitResult`.
+    ``private`` trains by DP-SGD (mapping only; ``train`` as :func:`private_recipe` makes it):
+    minibatches drawn per cell, per-cell losses, clipped and noised gradients, the final state
+    kept. Returns a :class:`FitResult`.
     """
+    if private is not None and (mode != "mapping" or penalty is not None):
+        raise ValueError("DP-SGD trains a mapping's condition rows only")
     with torch_threads(TRAINING_THREADS):
-        return _fit(model, data, train, recipe, mode, prototypes, seed, progress, penalty)
+        return _fit(model, data, train, recipe, mode, prototypes, seed, progress, penalty, private)
 
 
 @contextmanager
@@ -450,6 +542,7 @@ def _fit(
     seed: int,
     progress: Progress | None,
     penalty: Penalty | None,
+    private: DPSGD | None,
 ) -> FitResult:
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -458,6 +551,10 @@ def _fit(
     optimiser = _optimiser(model, params, train)
     if optimiser is None or train.epochs == 0:
         return FitResult(0, 0, time.perf_counter() - started, False, -1, 0, [])
+    dp_noise = None
+    if private is not None:
+        rng, generator = secure_generators()  # minibatch draws are part of the mechanism
+        dp_noise = (private, generator)
     train_rows, val_rows = _split(data.n_cells, train.validation_fraction, rng)
     cache = cache_frozen(model, data, recipe) if mode == "mapping" else None
     proto_start = train.effective_pretrain_epochs
@@ -474,28 +571,34 @@ def _fit(
     stopped_early = False
     for epoch in range(train.epochs):
         active = prototypes if use_prototypes and epoch >= proto_start else None
-        if active is not None and epoch == proto_start:
+        if active is not None and epoch == proto_start and private is None:
             active.update(latent_means(model, data, recipe), data.targets)
             best, stale = (math.inf, -1), 0  # the objective changes
         kl_weight = train.kl_weight
         if train.kl_anneal_epochs > 0:
             kl_weight *= min(1.0, (epoch + 1) / train.kl_anneal_epochs)
         model.train(mode == "reference")
-        order = _epoch_order(train_rows, data.conditions, train.balance_conditions, rng)
+        if private is None:
+            order = _epoch_order(train_rows, data.conditions, train.balance_conditions, rng)
+            batches = _minibatches(order, train, mode)
+        else:
+            batches = private.minibatches(train_rows, rng)
         record, steps = _run_epoch(
-            model, data, order, recipe, train, optimiser, params, cache, active, kl_weight,
-            mode, penalty,
+            model, data, batches, recipe, train, optimiser, params, cache, active, kl_weight,
+            penalty, private=dp_noise,
             max_steps=(train.max_iterations - iterations) if train.max_iterations else None,
         )  # fmt: skip
         iterations += steps
         model.eval()
-        if active is not None:
+        if active is not None and private is None:
             active.update(latent_means(model, data, recipe), data.targets)
         if val_rows.size:
             record["val_loss"] = _evaluate(model, data, val_rows, recipe, train, cache, active)
         history.append(record)
         monitored = record.get("val_loss", record.get("loss", math.inf))
-        if not math.isfinite(best[0]) or monitored < best[0] - 1e-6 * abs(best[0]):
+        if private is not None:  # the final state: choosing one by its loss reads the data
+            best = (monitored, epoch)
+        elif not math.isfinite(best[0]) or monitored < best[0] - 1e-6 * abs(best[0]):
             best, stale = (monitored, epoch), 0
             snapshot = _snapshot(model, prototypes)
         else:
@@ -509,7 +612,8 @@ def _fit(
         if patience is not None and stale >= patience and not warming_up:
             stopped_early = True
             break
-    _restore(model, prototypes, snapshot)
+    if private is None:
+        _restore(model, prototypes, snapshot)
     model.eval()
     return FitResult(
         epochs=len(history),
@@ -522,10 +626,26 @@ def _fit(
     )
 
 
+def _minibatches(
+    order: NDArray[np.int64], train: TrainConfig, mode: Mode
+) -> list[NDArray[np.int64]]:
+    """``order`` cut into minibatches (a short last one dropped when the recipe says so; in
+    reference training a single cell cannot give batch statistics)."""
+    out = []
+    for start in range(0, len(order), train.batch_size):
+        rows = order[start : start + train.batch_size]
+        if train.drop_last and start > 0 and len(rows) < train.batch_size:
+            break
+        if len(rows) < 2 and mode == "reference":
+            continue
+        out.append(rows)
+    return out
+
+
 def _run_epoch(
     model: CondVAE,
     data: TrainingData,
-    order: NDArray[np.int64],
+    batches: list[NDArray[np.int64]],
     recipe: PreprocessingRecipe,
     train: TrainConfig,
     optimiser: torch.optim.Optimizer,
@@ -533,34 +653,39 @@ def _run_epoch(
     cache: FrozenCache | None,
     prototypes: PrototypeTargets | None,
     kl_weight: float,
-    mode: Mode,
     penalty: Penalty | None,
+    private: tuple[DPSGD, torch.Generator] | None,
     max_steps: int | None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``order`` in minibatches; returns the mean loss parts and the step count."""
+    """One pass over ``batches``; returns the mean loss parts and the step count."""
     sums: dict[str, float] = {}
     n_seen = steps = 0
-    for start in range(0, len(order), train.batch_size):
+    for rows in batches:
         if max_steps is not None and steps >= max_steps:
             break
-        rows = order[start : start + train.batch_size]
-        if train.drop_last and start > 0 and len(rows) < train.batch_size:
-            break
-        if len(rows) < 2 and mode == "reference":
-            continue  # batch statistics need two cells
         batch = make_batch(data, rows, recipe, cache)
-        loss = compute_loss(
-            model, batch, train, kl_weight=kl_weight, prototypes=prototypes, sample=True
-        )
-        total = loss.total if penalty is None else loss.total + penalty()
         optimiser.zero_grad(set_to_none=True)
-        total.backward()
-        if train.grad_clip:
-            nn.utils.clip_grad_norm_(params, train.grad_clip)
+        if private is not None:
+            dp, generator = private
+            with per_cell_rows(model, batch.condition) as leaves:
+                losses = per_cell_loss(
+                    model, batch, train, kl_weight=kl_weight, prototypes=prototypes
+                )
+                dp.step(losses, leaves, batch.condition, generator)
+            parts = {"loss": float(losses.detach().mean())}
+        else:
+            loss = compute_loss(
+                model, batch, train, kl_weight=kl_weight, prototypes=prototypes, sample=True
+            )
+            total = loss.total if penalty is None else loss.total + penalty()
+            total.backward()
+            if train.grad_clip:
+                nn.utils.clip_grad_norm_(params, train.grad_clip)
+            parts = {"loss": loss.monitored, **loss.parts}
         optimiser.step()
         steps += 1
         n_seen += len(rows)
-        for key, value in {"loss": loss.monitored, **loss.parts}.items():
+        for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value * len(rows)
     return {k: v / max(n_seen, 1) for k, v in sums.items()}, steps
 

@@ -1,6 +1,7 @@
 """ClientApp: a site's answers to campaigns and federated builds, from its own cells."""
 
 from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from fedatlas.site_client import federated_build
@@ -11,7 +12,11 @@ app = ClientApp()
 
 @app.train()
 def handle(message: Message, context: Context) -> Message:
-    """Answer a campaign message: the signed bundle of this site's adaptor."""
+    """Answer a ``train`` message: a stage of a federated build's secure round (SecAgg+, through
+    Flower's ``secaggplus_mod``, whose stages are all plain ``train`` messages), else a
+    campaign's: the signed bundle of this site's adaptor."""
+    if federated_build.is_secure_round(message):
+        return secaggplus_mod(message, context, federated_build.secure_round)
     return train(message, context)
 
 
@@ -25,6 +30,12 @@ def genes(message: Message, context: Context) -> Message:
 def votes(message: Message, context: Context) -> Message:
     """Federated build: this site's per-batch gene votes."""
     return federated_build.votes(message, context)
+
+
+@app.query("cells")
+def cells(message: Message, context: Context) -> Message:
+    """Federated build with secure aggregation: this site's number of cells."""
+    return federated_build.cells(message, context)
 
 
 @app.train("round")

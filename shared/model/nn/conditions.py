@@ -33,6 +33,8 @@ class ConditionTable(nn.Module):
         self.register_buffer("frozen", torch.zeros(0, *row_shape))
         self.fresh: Tensor
         self._set_fresh(self._initial_rows(n_rows))
+        # per-cell copies of the looked-up rows, set while DP-SGD takes per-cell gradients
+        self.per_cell: Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -53,7 +55,11 @@ class ConditionTable(nn.Module):
         return torch.cat([self.frozen, self.fresh], dim=0)
 
     def forward(self, index: Tensor) -> Tensor:
-        """Rows for a vector of condition indices."""
+        """Rows for a vector of condition indices (the per-cell copies while they are set)."""
+        if self.per_cell is not None:
+            if self.per_cell.shape[0] != index.shape[0]:
+                raise RuntimeError("per-cell rows were set for another minibatch")
+            return self.per_cell
         return self.table()[index]
 
     def freeze(self) -> None:

@@ -1,0 +1,1 @@
+"""fedatlas' Flower app with a ServerApp that records what the sites send."""
