@@ -12,7 +12,10 @@ import torch
 from anndata import AnnData
 from conftest import cells_of
 
+from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.cli import main
+from fedatlas.shared.data.dataset import DataSource
+from fedatlas.shared.model import mapping, training
 from fedatlas.shared.model.dp_sgd import DPSGD, per_cell_rows
 from fedatlas.shared.model.mapping import MappingOptions, map_onto, plan_mapping
 from fedatlas.shared.model.privacy import (
@@ -25,6 +28,7 @@ from fedatlas.shared.model.privacy import (
     rho_for,
 )
 from fedatlas.shared.model.reference import BuildResult
+from fedatlas.shared.model.streaming import map_h5ad
 from fedatlas.shared.model.training import TrainingData, cache_frozen, cell_terms, make_batch
 from fedatlas.shared.wire.bundle import parse_bundle
 from fedatlas.shared.wire.signing import write_keypair
@@ -207,3 +211,34 @@ def test_rows_trained_without_dp_never_seed_a_private_adaptor(
 
     torch.testing.assert_close(fresh_rows(None), kept["embedding"])
     assert not torch.allclose(fresh_rows(PrivacySpec(4.0)), kept["embedding"])
+
+
+def test_a_streamed_file_sizes_dp_sgd_by_its_training_sample(
+    tiny_builds: dict[str, BuildResult],
+    world: SyntheticWorld,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read in chunks, the rows train on a sample of at most --train-cells cells: the minibatches
+    per epoch follow the sample (one of 128), not the file's 640 cells (five)."""
+    seen: list[DPSGD] = []
+    real_fit = training.fit
+
+    def recording_fit(*args: object, **kwargs: object) -> training.FitResult:
+        private = kwargs.get("private")
+        assert isinstance(private, DPSGD)
+        seen.append(private)
+        return real_fit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mapping, "fit", recording_fit)
+    world.sample(640, batches=("q1",), seed=5).write_h5ad(tmp_path / "site.h5ad")
+    options = MappingOptions(
+        site_id="s", epochs=2, chunk_size=100, train_cells=40, privacy=PrivacySpec(4.0)
+    )
+    source = DataSource(tmp_path / "site.h5ad", "batch", ("cell_type",))
+    result = map_h5ad(
+        tiny_builds["scpoli"].release, source, options, chunk_cells=100, progress=False
+    )
+    assert result.adaptor is not None
+    assert record_problem(result.adaptor.content["privacy"]) is None
+    assert [dp.n_batches for dp in seen] == [1]

@@ -340,11 +340,16 @@ def plan_mapping(
 
 
 def train_adaptor(
-    plan: MappingPlan, data: TrainingData | None, *, progress: bool
+    plan: MappingPlan,
+    data: TrainingData | None,
+    *,
+    progress: bool,
+    sample_cells: int | None = None,
 ) -> FitResult | None:
     """Train the plan's new condition rows on ``data`` (cells of new batches only; None only
     when there is nothing to train), then prove that every release tensor is unchanged. None
-    when nothing was trained."""
+    when nothing was trained. ``sample_cells``: the most cells ``data`` may hold when it is a
+    sample (a streamed file's), which DP-SGD sizes its minibatches by."""
     fit_result = None
     new, train, model = plan.new, plan.train, plan.model
     if new and train.epochs > 0:
@@ -359,7 +364,7 @@ def train_adaptor(
             f"training adaptor ({len(new)} new condition{'s' if len(new) > 1 else ''})",
             train.epochs, "epoch", enabled=progress,
         )  # fmt: skip
-        private = plan.privacy.dp_sgd(train) if plan.privacy is not None else None
+        private = plan.privacy.dp_sgd(train, sample_cells) if plan.privacy is not None else None
         fit_result = fit(
             model, data, train, plan.release.recipe, mode="mapping",
             prototypes=prototypes, seed=plan.seed, progress=reporter, private=private,

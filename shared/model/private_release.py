@@ -79,12 +79,15 @@ class PrivateRelease:
         self.spent["statistics"] = {"rho": rho, "sigma": sigma}
         return sigma, self.rng
 
-    def dp_sgd(self, train: TrainConfig) -> DPSGD:
-        """DP-SGD settings for ``train`` (recorded as spent)."""
+    def dp_sgd(self, train: TrainConfig, max_cells: int | None = None) -> DPSGD:
+        """DP-SGD settings for ``train`` (recorded as spent); ``max_cells`` bounds the cells it
+        trains on (a streamed file's training sample), so the minibatches per epoch follow
+        the smaller of it and the released cell count."""
         if train.epochs != self.training_epochs:
             raise ValueError("the training recipe changed after the budget was split")
         rho = self.budget["training"]
-        dp = DPSGD.for_budget(rho, train.epochs, self.noisy_cells, self.batch_size)
+        cells = self.noisy_cells if max_cells is None else min(self.noisy_cells, max_cells)
+        dp = DPSGD.for_budget(rho, train.epochs, cells, self.batch_size)
         self.spent["training"] = dp.record(rho, train.epochs)
         return dp
 

@@ -119,7 +119,9 @@ def map_h5ad(
             estimate_dsbn_statistics(
                 plan.model, sample, release.recipe, sample_latent, plan.statistics_noise()
             )
-        fit_result = train_adaptor(plan, sample, progress=progress)
+        fit_result = train_adaptor(
+            plan, sample, progress=progress, sample_cells=options.train_cells
+        )
         timings["train"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
