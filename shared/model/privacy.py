@@ -10,9 +10,9 @@ through a Gaussian mechanism:
   minibatch per epoch (drawn independently of the other cells), so one cell is in ``epochs``
   noisy sums.
 * ``statistics``: a SCALEX preset's per-condition normalisation statistics (DSBN mean and
-  variance), computed as the prototypes' moments below.
-* ``prototypes``: per label, the count, mean, per-dimension variance and the log d^2 moments
-  (:func:`private_prototypes`).
+  per-dimension variance: :func:`noisy_mean`, then :func:`noisy_variance`, in two passes).
+* ``prototypes``: per label, the count, mean and spread, and for a label new to the release
+  its log d^2 moments (:func:`private_prototypes`).
 * ``counts``: the cell count each new condition states.
 
 **Accounting** is zero-concentrated DP (zCDP), after Bun & Steinke, "Concentrated Differential
