@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedatlas.coordinator.policy import Policy
+from fedatlas.shared.model.adaptor import Adaptor
+from fedatlas.shared.model.privacy import count_slack
 from fedatlas.shared.model.prototypes import PrototypeSet, standardized_sq_distances
 from fedatlas.shared.names import label_problem, skeleton
 
@@ -43,6 +45,17 @@ def _spread(pset: PrototypeSet) -> np.ndarray:
 
 def _within(value: float, low: float, high: float) -> bool:
     return bool(np.isfinite(value)) and low <= value <= high
+
+
+def claimed_cells(adaptor: Adaptor, n_levels: int) -> int:
+    """The cells an adaptor's conditions claim, which its prototypes may count at most; for a
+    DP adaptor (noisy counts on both sides) plus the slack its stated noise allows."""
+    claimed = sum(int(c["n_cells"]) for c in adaptor.content["conditions"])
+    privacy = adaptor.content.get("privacy")
+    if privacy is not None:
+        n_labels = sum(len(adaptor.prototypes(i)) for i in range(n_levels))
+        claimed += count_slack(privacy, n_labels, len(adaptor.condition_names), claimed)
+    return claimed
 
 
 def check_prototypes(

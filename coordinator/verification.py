@@ -21,11 +21,15 @@ from torch import Tensor
 
 from fedatlas.coordinator.policy import Policy
 from fedatlas.coordinator.privacy_ledger import site_spend
-from fedatlas.coordinator.prototype_checks import PrototypeProblem, check_prototypes
+from fedatlas.coordinator.prototype_checks import (
+    PrototypeProblem,
+    check_prototypes,
+    claimed_cells,
+)
 from fedatlas.coordinator.store import SiteRecord, Store
 from fedatlas.shared.hashing import dtype_name
 from fedatlas.shared.model.adaptor import Adaptor
-from fedatlas.shared.model.privacy import count_slack, epsilon_for, record_problem
+from fedatlas.shared.model.privacy import epsilon_for, record_problem
 from fedatlas.shared.model.prototypes import PrototypeSet
 from fedatlas.shared.model.release import MODEL_PREFIX, Release, prototype_prefix
 from fedatlas.shared.model.surgery import split
@@ -345,11 +349,7 @@ def _check_values(adaptor: Adaptor, reference: Reference, policy: Policy) -> lis
             raise Rejection("non_finite", f"tensor {name!r} holds NaN or infinite values")
     for name, limit in reference.table_norms.items():
         _check_norms(name, adaptor.tensors[name], limit, policy.norm_factor)
-    claimed = sum(int(c["n_cells"]) for c in adaptor.content["conditions"])
-    privacy = adaptor.content.get("privacy")
-    if privacy is not None:  # noisy counts on both sides: allow for the stated noise
-        n_labels = sum(len(adaptor.prototypes(i)) for i in range(len(reference.catalogue)))
-        claimed += count_slack(privacy, n_labels, len(adaptor.condition_names), claimed)
+    claimed = claimed_cells(adaptor, len(reference.catalogue))
     new: list[str] = []
     for i, level in enumerate(reference.release.label_levels):
         means = torch.from_numpy(adaptor.prototypes(i).means)

@@ -34,14 +34,18 @@ from fedatlas.benchmarks.robustness import TRUTH, write_site_files
 from fedatlas.benchmarks.splits import Split
 from fedatlas.benchmarks.synthetic import SyntheticWorld
 from fedatlas.coordinator.policy import Policy
-from fedatlas.coordinator.prototype_checks import PrototypeProblem, check_prototypes
+from fedatlas.coordinator.prototype_checks import (
+    PrototypeProblem,
+    check_prototypes,
+    claimed_cells,
+)
 from fedatlas.shared.api import build_reference
 from fedatlas.shared.data.dataset import CellTable, extract_cells
 from fedatlas.shared.evaluation.metrics import unknown_auroc
 from fedatlas.shared.model.adaptor import compose
 from fedatlas.shared.model.label_transfer import UNKNOWN
 from fedatlas.shared.model.mapping import MappingOptions, MappingResult, map_onto
-from fedatlas.shared.model.privacy import DEFAULT_DELTA, PrivacySpec, count_slack
+from fedatlas.shared.model.privacy import DEFAULT_DELTA, PrivacySpec
 from fedatlas.shared.model.release import Release
 
 EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
@@ -136,11 +140,7 @@ def propagation_scores(
     assert adaptor is not None
     check = "passed"
     level = release.label_levels[0]
-    claimed = sum(int(c["n_cells"]) for c in adaptor.content["conditions"])
-    privacy = adaptor.content.get("privacy")
-    if privacy is not None:
-        n_labels = len(adaptor.prototypes(0))
-        claimed += count_slack(privacy, n_labels, len(adaptor.condition_names), claimed)
+    claimed = claimed_cells(adaptor, len(release.label_levels))
     try:
         check_prototypes(level, adaptor.prototypes(0), release.prototypes(level), claimed, Policy())
     except PrototypeProblem as problem:
